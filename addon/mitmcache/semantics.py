@@ -1,0 +1,814 @@
+"""HTTP caching semantics for a *shared* cache: RFC 9111, RFC 5861, RFC 9110 conditionals.
+
+Pure functions over plain data: no I/O, no clock, no mitmproxy imports. Every decision
+names the RFC section it implements. Headers are passed as sequences of ``(name, value)``
+string pairs (names in any case, repeated names allowed), so the module works the same on
+mitmproxy flows, stored entries and test tables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import email.utils
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from urllib.parse import urljoin, urlsplit
+
+HeaderList = Sequence[tuple[str, str]]
+
+# RFC 9111 §1.2.2: delta-seconds beyond what we can represent is 2^31.
+DELTA_SECONDS_MAX = 2**31
+
+# RFC 9110 §7.6.1: hop-by-hop fields, never stored (RFC 9111 §3.1) and never merged (§3.2).
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+
+# RFC 9111 §3.2: a 304/HEAD never updates framing of the stored body.
+NOT_UPDATED_BY_304 = frozenset({"content-length", "content-encoding", "content-range"}) | HOP_BY_HOP
+
+# Fields the cache itself writes on every served response; never stored from upstream copies.
+CACHE_GENERATED = frozenset({"age", "x-cache-status", "cache-status"})
+
+# RFC 9110 §15.1: status codes that are heuristically cacheable.
+HEURISTICALLY_CACHEABLE = frozenset({200, 203, 204, 206, 300, 301, 308, 404, 405, 410, 414, 501})
+
+# RFC 9110 §9.2.1: safe methods; any other method may invalidate (RFC 9111 §4.4).
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+
+# RFC 9111 §4.2.2: heuristic = 10 % of (Date - Last-Modified); we cap it (default 24 h).
+HEURISTIC_FRACTION = 0.1
+DEFAULT_HEURISTIC_CAP = 86400.0
+
+# Vary normalisation: these request fields compare case-insensitively (RFC 9110 §12.5).
+CASE_INSENSITIVE_VARY = frozenset({"accept", "accept-charset", "accept-encoding", "accept-language"})
+
+_WS = re.compile(r"[ \t]+")
+
+
+# --------------------------------------------------------------------------- header helpers
+
+
+def header_values(headers: HeaderList, name: str) -> list[str]:
+    """All field lines of ``name`` (case-insensitive), in order."""
+    name = name.lower()
+    return [v for k, v in headers if k.lower() == name]
+
+
+def header_get(headers: HeaderList, name: str) -> str | None:
+    """Field lines of ``name`` combined with ', ' (RFC 9110 §5.3), or None when absent."""
+    values = header_values(headers, name)
+    return ", ".join(values) if values else None
+
+
+def split_list(values: Iterable[str]) -> list[str]:
+    """RFC 9110 §5.6.1 list syntax: split on commas outside quoted strings, drop empties."""
+    out: list[str] = []
+    for value in values:
+        buf: list[str] = []
+        quoted = escaped = False
+        for ch in value:
+            if escaped:
+                escaped = False
+            elif ch == "\\" and quoted:
+                escaped = True
+            elif ch == '"':
+                quoted = not quoted
+            elif ch == "," and not quoted:
+                item = "".join(buf).strip()
+                if item:
+                    out.append(item)
+                buf = []
+                continue
+            buf.append(ch)
+        item = "".join(buf).strip()
+        if item:
+            out.append(item)
+    return out
+
+
+def parse_http_date(value: str | None) -> float | None:
+    """RFC 9110 §5.6.7 HTTP-date (IMF-fixdate, RFC 850, asctime) to epoch seconds; None if invalid."""
+    if not value:
+        return None
+    try:
+        parsed = email.utils.parsedate_to_datetime(value.strip())
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if parsed is None:
+        return None
+    if parsed.tzinfo is None:
+        # asctime has no zone; HTTP dates are always GMT.
+        parsed = parsed.replace(tzinfo=datetime.timezone.utc)
+    try:
+        return parsed.timestamp()
+    except (OverflowError, ValueError, OSError):
+        return None
+
+
+def format_http_date(ts: float) -> str:
+    return email.utils.formatdate(ts, usegmt=True)
+
+
+def parse_delta_seconds(value: str | None) -> int | None:
+    """RFC 9111 §1.2.2: a non-negative integer; too large → 2^31; anything else → None."""
+    if value is None:
+        return None
+    value = value.strip().strip('"')
+    if not value.isdigit() or not value.isascii():
+        return None
+    return min(int(value), DELTA_SECONDS_MAX)
+
+
+# --------------------------------------------------------------------------- Cache-Control
+
+
+def parse_cache_control(values: Iterable[str]) -> dict[str, str | None]:
+    """Cache-Control directives, names lower-cased (RFC 9111 §5.2).
+
+    When a directive repeats, the first occurrence wins (RFC 9111 §4.2.1: "either the first
+    occurrence should be used or the response should be considered stale").
+    """
+    directives: dict[str, str | None] = {}
+    for item in split_list(values):
+        name, sep, arg = item.partition("=")
+        name = name.strip().lower()
+        if not name or name in directives:
+            continue
+        directives[name] = arg.strip().strip('"') if sep else None
+    return directives
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseDirectives:
+    """Response Cache-Control directives (RFC 9111 §5.2.2, RFC 5861)."""
+
+    no_store: bool = False
+    no_cache: bool = False
+    private: bool = False
+    public: bool = False
+    must_revalidate: bool = False
+    proxy_revalidate: bool = False
+    max_age: int | None = None
+    s_maxage: int | None = None
+    stale_while_revalidate: int = 0
+    stale_if_error: int = 0
+    invalid_freshness: bool = False  # a max-age/s-maxage that did not parse
+
+    @classmethod
+    def from_headers(cls, headers: HeaderList) -> ResponseDirectives:
+        cc = parse_cache_control(header_values(headers, "cache-control"))
+        invalid = False
+
+        def delta(name: str) -> int | None:
+            nonlocal invalid
+            if name not in cc:
+                return None
+            parsed = parse_delta_seconds(cc[name])
+            if parsed is None:
+                invalid = True  # §4.2.1: invalid freshness information → treat as stale
+            return parsed
+
+        max_age = delta("max-age")
+        s_maxage = delta("s-maxage")
+        return cls(
+            no_store="no-store" in cc,
+            # §5.2.2.4: the qualified form no-cache="field" is treated as unqualified
+            # (allowed: "a cache MAY ... treat it as if it were unqualified").
+            no_cache="no-cache" in cc,
+            # §5.2.2.7: qualified private="field" is also treated as unqualified: safer.
+            private="private" in cc,
+            public="public" in cc,
+            must_revalidate="must-revalidate" in cc,
+            proxy_revalidate="proxy-revalidate" in cc,
+            max_age=max_age,
+            s_maxage=s_maxage,
+            stale_while_revalidate=parse_delta_seconds(cc.get("stale-while-revalidate")) or 0,
+            stale_if_error=parse_delta_seconds(cc.get("stale-if-error")) or 0,
+            invalid_freshness=invalid,
+        )
+
+    @property
+    def never_serve_stale(self) -> bool:
+        """§4.2.4, §5.2.2.2, §5.2.2.8, §5.2.2.10: these forbid serving the response stale."""
+        return self.must_revalidate or self.proxy_revalidate or self.s_maxage is not None or self.no_cache
+
+
+@dataclass(frozen=True, slots=True)
+class RequestDirectives:
+    """Request Cache-Control directives (RFC 9111 §5.2.1) plus Pragma (§5.4)."""
+
+    no_cache: bool = False
+    no_store: bool = False
+    max_age: int | None = None
+    max_stale: float | None = None  # seconds; math.inf for a bare max-stale
+    min_fresh: int | None = None
+    only_if_cached: bool = False
+
+    @classmethod
+    def from_headers(cls, headers: HeaderList) -> RequestDirectives:
+        cc_values = header_values(headers, "cache-control")
+        cc = parse_cache_control(cc_values)
+        no_cache = "no-cache" in cc
+        # §5.4: Pragma: no-cache counts only when the request has no Cache-Control.
+        if not cc_values and any(
+            p.lower() == "no-cache" for p in split_list(header_values(headers, "pragma"))
+        ):
+            no_cache = True
+        max_stale: float | None = None
+        if "max-stale" in cc:
+            arg = cc["max-stale"]
+            # §5.2.1.2: without a value the client accepts a stale response of any age.
+            max_stale = float("inf") if arg is None else parse_delta_seconds(arg)
+        return cls(
+            no_cache=no_cache,
+            no_store="no-store" in cc,
+            max_age=parse_delta_seconds(cc.get("max-age")) if "max-age" in cc else None,
+            max_stale=max_stale,
+            min_fresh=parse_delta_seconds(cc.get("min-fresh")) if "min-fresh" in cc else None,
+            only_if_cached="only-if-cached" in cc,
+        )
+
+
+# --------------------------------------------------------------------------- Vary
+
+
+def vary_names(headers: HeaderList) -> tuple[str, ...] | None:
+    """Field names of every Vary line, lower-cased, deduplicated, sorted (RFC 9110 §12.5.5).
+
+    Returns None when any member is ``*`` (the response can never be selected).
+    """
+    names: set[str] = set()
+    for item in split_list(header_values(headers, "vary")):
+        if item == "*":
+            return None
+        names.add(item.lower())
+    return tuple(sorted(names))
+
+
+def normalize_vary_value(name: str, values: list[str]) -> str | None:
+    """Request field value used to match a Vary'd response (RFC 9111 §4.1).
+
+    Lines are combined, whitespace is collapsed around and inside list members, and fields
+    whose values compare case-insensitively are lower-cased. A missing field is None, which
+    never equals an empty field.
+    """
+    if not values:
+        return None
+    members = [_WS.sub(" ", m) for m in split_list(values)]
+    members = [re.sub(r"\s*;\s*", ";", m) for m in members]
+    joined = ",".join(members)
+    if name in CASE_INSENSITIVE_VARY:
+        joined = joined.lower()
+    return joined
+
+
+def request_vary_values(names: Sequence[str], request_headers: HeaderList) -> tuple[tuple[str, str | None], ...]:
+    return tuple((n, normalize_vary_value(n, header_values(request_headers, n))) for n in names)
+
+
+# --------------------------------------------------------------------------- cache key
+
+
+def _default_port(scheme: str) -> int:
+    return 443 if scheme == "https" else 80
+
+
+def normalize_authority(scheme: str, host: str, port: int | None) -> str:
+    """Lower-cased host, default port dropped, IPv6 bracketed (RFC 3986 §6.2.2)."""
+    host = host.lower().rstrip(".")
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    if port is None or port == _default_port(scheme):
+        return host
+    return f"{host}:{port}"
+
+
+def cache_key(scheme: str, host: str, port: int | None, path: str) -> str:
+    """Primary cache key (RFC 9111 §2): scheme + normalised authority + path + query.
+
+    The method is not part of it: only GET responses are stored, and HEAD is answered from
+    them (§4). http and https never share a key because the scheme is in it.
+    """
+    scheme = scheme.lower()
+    if not path.startswith("/") and path != "*":
+        path = "/" + path
+    return f"{scheme}://{normalize_authority(scheme, host, port)}{path}"
+
+
+def key_for_uri(uri: str) -> str | None:
+    """Cache key of an absolute http(s) URI, or None if it is not one."""
+    try:
+        parts = urlsplit(uri)
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        return None
+    path = parts.path or "/"
+    if parts.query:
+        path += "?" + parts.query
+    return cache_key(parts.scheme, parts.hostname, port, path)
+
+
+def origin_of_key(key: str) -> str:
+    """scheme://authority part of a key (same-origin checks, RFC 6454)."""
+    scheme, _, rest = key.partition("://")
+    return f"{scheme}://{rest.split('/', 1)[0]}"
+
+
+# --------------------------------------------------------------------------- storing (§3)
+
+
+class NotStorable(Enum):
+    """Why a response was not stored; the value is the Cache-Status ``detail``."""
+
+    METHOD = "method"
+    STATUS = "status"
+    REQUEST_NO_STORE = "request-no-store"
+    NO_STORE = "no-store"
+    PRIVATE = "private"
+    AUTHORIZATION = "authorization"
+    SET_COOKIE = "set-cookie"
+    VARY_STAR = "vary-star"
+    TOO_LARGE = "too-large"
+    NOT_CACHEABLE = "no-freshness"
+    INCOMPLETE = "incomplete"
+
+
+def storability(
+    method: str,
+    status: int,
+    request_headers: HeaderList,
+    response_headers: HeaderList,
+    body_length: int | None,
+    max_object_bytes: int,
+) -> NotStorable | None:
+    """None if a shared cache may store the response (RFC 9111 §3), else the reason not."""
+    # §3: "the request method is understood by the cache"; we store GET only. HEAD is
+    # answered from the GET entry and never replaces it.
+    if method != "GET":
+        return NotStorable.METHOD
+    # §3: final status only; 206 needs range support (§3.3/3.4), 304 has no body to store.
+    if status < 200 or status in (206, 304) or status >= 600:
+        return NotStorable.STATUS
+    req = RequestDirectives.from_headers(request_headers)
+    if req.no_store:  # §5.2.1.5
+        return NotStorable.REQUEST_NO_STORE
+    resp = ResponseDirectives.from_headers(response_headers)
+    if resp.no_store:  # §5.2.2.5
+        return NotStorable.NO_STORE
+    if resp.private:  # §5.2.2.7: a shared cache MUST NOT store it
+        return NotStorable.PRIVATE
+    # §3.5: a shared cache stores a response to a request with Authorization only if the
+    # response says so with public, s-maxage or must-revalidate.
+    if header_values(request_headers, "authorization") and not (
+        resp.public or resp.s_maxage is not None or resp.must_revalidate
+    ):
+        return NotStorable.AUTHORIZATION
+    # Not an RFC rule: Set-Cookie is personal, so a shared cache keeps none by default
+    # (RFC 6265 §8.2 recommends caches not share it).
+    if header_values(response_headers, "set-cookie"):
+        return NotStorable.SET_COOKIE
+    # RFC 9110 §12.5.5: Vary "*" can never match a later request.
+    if vary_names(response_headers) is None:
+        return NotStorable.VARY_STAR
+    if body_length is None:
+        return NotStorable.INCOMPLETE
+    if body_length > max_object_bytes:
+        return NotStorable.TOO_LARGE
+    # §3: the response must carry explicit freshness, public, or a heuristically
+    # cacheable status code.
+    has_explicit = (
+        resp.public
+        or resp.max_age is not None
+        or resp.s_maxage is not None
+        or bool(header_values(response_headers, "expires"))
+        or resp.invalid_freshness
+    )
+    if not has_explicit and status not in HEURISTICALLY_CACHEABLE:
+        return NotStorable.NOT_CACHEABLE
+    return None
+
+
+# --------------------------------------------------------------------------- freshness (§4.2)
+
+
+def freshness_lifetime(
+    status: int,
+    headers: HeaderList,
+    response_time: float,
+    heuristic_cap: float = DEFAULT_HEURISTIC_CAP,
+) -> tuple[float, bool]:
+    """(freshness_lifetime seconds, is_heuristic) per RFC 9111 §4.2.1 and §4.2.2."""
+    cc = ResponseDirectives.from_headers(headers)
+    if cc.invalid_freshness and cc.s_maxage is None and cc.max_age is None:
+        return 0.0, False
+    # §4.2.1: a shared cache uses s-maxage first, then max-age, then Expires - Date.
+    if cc.s_maxage is not None:
+        return float(cc.s_maxage), False
+    if cc.max_age is not None:
+        return float(cc.max_age), False
+    expires_values = header_values(headers, "expires")
+    date = parse_http_date(header_get(headers, "date"))
+    if expires_values:
+        # §5.3: an invalid Expires (e.g. "0") means already expired. Multiple Expires lines
+        # that disagree are invalid too (§4.2.1).
+        if len(set(v.strip() for v in expires_values)) > 1:
+            return 0.0, False
+        expires = parse_http_date(expires_values[0])
+        if expires is None:
+            return 0.0, False
+        # Without Date, the time of receipt stands in for it (§4.2.1, RFC 9110 §6.6.1).
+        return max(0.0, expires - (date if date is not None else response_time)), False
+    # §4.2.2: heuristic freshness only for heuristically cacheable codes (or public).
+    if status in HEURISTICALLY_CACHEABLE or cc.public:
+        last_modified = parse_http_date(header_get(headers, "last-modified"))
+        base = date if date is not None else response_time
+        if last_modified is not None and last_modified < base:
+            return min(heuristic_cap, (base - last_modified) * HEURISTIC_FRACTION), True
+    return 0.0, False
+
+
+def corrected_initial_age(headers: HeaderList, request_time: float, response_time: float) -> float:
+    """RFC 9111 §4.2.3: the age the response already had when it arrived."""
+    date = parse_http_date(header_get(headers, "date"))
+    apparent_age = max(0.0, response_time - date) if date is not None else 0.0
+    age_values = header_values(headers, "age")
+    # §5.1: Age is a single delta-seconds; an invalid value is ignored.
+    age_value = parse_delta_seconds(age_values[0]) if age_values else None
+    response_delay = max(0.0, response_time - request_time)
+    corrected_age_value = (age_value or 0) + response_delay
+    return max(apparent_age, corrected_age_value)
+
+
+# --------------------------------------------------------------------------- stored entries
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResponse:
+    """One stored response (an immutable variant). Times are epoch seconds."""
+
+    status: int
+    reason: str
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+    request_time: float
+    response_time: float
+    # Derived at store time (and on a 304 merge), so the hit path does no parsing:
+    initial_age: float
+    freshness: float
+    stale_while_revalidate: float
+    stale_if_error: float
+    never_serve_stale: bool
+    requires_revalidation: bool  # response no-cache: §5.2.2.4
+    heuristic: bool
+    # Vary: names and the request's normalised values they were stored under (§4.1).
+    vary: tuple[tuple[str, str | None], ...] = ()
+    etag: str | None = None
+    last_modified: str | None = None
+
+    def age(self, now: float) -> float:
+        """current_age, RFC 9111 §4.2.3."""
+        return self.initial_age + max(0.0, now - self.response_time)
+
+    def ttl(self, now: float) -> float:
+        """Seconds of freshness left (negative when stale)."""
+        return self.freshness - self.age(now)
+
+    def is_fresh(self, now: float) -> bool:
+        return self.freshness > self.age(now)
+
+    def retain_until(self) -> float:
+        """Epoch second after which the entry is useless: fresh + the longest stale window.
+
+        Entries with validators are kept a little longer (they can still be revalidated),
+        bounded so a no-cache entry does not live forever (the reference's W17).
+        """
+        window = max(self.stale_while_revalidate, self.stale_if_error)
+        if self.etag or self.last_modified:
+            window = max(window, min(max(self.freshness, 60.0), 3600.0))
+        return self.response_time - self.initial_age + self.freshness + window
+
+    def cost(self) -> int:
+        """Bytes this entry really costs in memory (body, headers, and a fixed overhead)."""
+        header_bytes = sum(len(k) + len(v) + 100 for k, v in self.headers)  # two str objects + tuple
+        return len(self.body) + header_bytes + 64 * len(self.vary) + 400
+
+
+def strip_for_storage(headers: HeaderList) -> tuple[tuple[str, str], ...]:
+    """Drop hop-by-hop fields (RFC 9111 §3.1, incl. those named by Connection) and our own."""
+    drop = set(HOP_BY_HOP) | CACHE_GENERATED
+    for token in split_list(header_values(headers, "connection")):
+        drop.add(token.lower())
+    return tuple((k, v) for k, v in headers if k.lower() not in drop)
+
+
+def make_stored_response(
+    status: int,
+    reason: str,
+    request_headers: HeaderList,
+    response_headers: HeaderList,
+    body: bytes,
+    request_time: float,
+    response_time: float,
+    heuristic_cap: float = DEFAULT_HEURISTIC_CAP,
+) -> StoredResponse:
+    """Build the immutable entry for a storable response (call storability() first)."""
+    headers = strip_for_storage(response_headers)
+    cc = ResponseDirectives.from_headers(headers)
+    lifetime, heuristic = freshness_lifetime(status, headers, response_time, heuristic_cap)
+    names = vary_names(headers) or ()
+    return StoredResponse(
+        status=status,
+        reason=reason,
+        headers=headers,
+        body=body,
+        request_time=request_time,
+        response_time=response_time,
+        initial_age=corrected_initial_age(response_headers, request_time, response_time),
+        freshness=lifetime,
+        stale_while_revalidate=float(cc.stale_while_revalidate),
+        stale_if_error=float(cc.stale_if_error),
+        never_serve_stale=cc.never_serve_stale,
+        requires_revalidation=cc.no_cache,
+        heuristic=heuristic,
+        vary=request_vary_values(names, request_headers),
+        etag=header_get(headers, "etag"),
+        last_modified=header_get(headers, "last-modified"),
+    )
+
+
+def variant_matches(entry: StoredResponse, request_headers: HeaderList) -> bool:
+    """RFC 9111 §4.1: every Vary'd field of the request matches the stored request's."""
+    return all(
+        normalize_vary_value(name, header_values(request_headers, name)) == value
+        for name, value in entry.vary
+    )
+
+
+def select_variant(entries: Iterable[StoredResponse], request_headers: HeaderList) -> StoredResponse | None:
+    """§4.1: of the matching stored responses, use the most recent one."""
+    best: StoredResponse | None = None
+    for entry in entries:
+        if variant_matches(entry, request_headers) and (best is None or entry.response_time > best.response_time):
+            best = entry
+    return best
+
+
+# --------------------------------------------------------------------------- using an entry (§4)
+
+
+class Use(Enum):
+    """What the cache may do with a selected stored response."""
+
+    FRESH = "fresh"  # serve it (HIT)
+    STALE_OK = "stale"  # serve it stale: the client allowed it with max-stale (§4.2.4)
+    STALE_WHILE_REVALIDATE = "swr"  # RFC 5861 §3: serve stale and revalidate in the background
+    REVALIDATE = "revalidate"  # forward a conditional request (§4.3.1)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    use: Use
+    reason: str  # Cache-Status detail / fwd reason: "fresh", "stale", "request", "no-cache"…
+
+
+def decide(
+    entry: StoredResponse,
+    request: RequestDirectives,
+    now: float,
+    allow_background_revalidation: bool = False,
+) -> Decision:
+    """May ``entry`` answer a request with these directives at ``now``? (RFC 9111 §4, §4.2.4)."""
+    age = entry.age(now)
+    fresh = entry.freshness > age
+    # §5.2.1.4 (and Pragma §5.4): the client wants a validated response.
+    if request.no_cache:
+        return Decision(Use.REVALIDATE, "request")
+    # §5.2.2.4: response no-cache → validate on every use.
+    if entry.requires_revalidation:
+        return Decision(Use.REVALIDATE, "no-cache")
+    # §5.2.1.1: the client will not accept a response older than max-age.
+    if request.max_age is not None and age > request.max_age:
+        return Decision(Use.REVALIDATE, "request")
+    if fresh:
+        # §5.2.1.3: min-fresh needs at least that much freshness left.
+        if request.min_fresh is not None and entry.freshness - age < request.min_fresh:
+            return Decision(Use.REVALIDATE, "request")
+        return Decision(Use.FRESH, "fresh")
+    staleness = age - entry.freshness
+    # §4.2.4: never serve stale when must-revalidate/proxy-revalidate/s-maxage/no-cache say so.
+    if entry.never_serve_stale:
+        return Decision(Use.REVALIDATE, "stale")
+    # §5.2.1.2: the client accepts a stale response up to max-stale seconds stale.
+    if request.max_stale is not None and staleness <= request.max_stale:
+        return Decision(Use.STALE_OK, "max-stale")
+    # RFC 5861 §3: inside the stale-while-revalidate window, serve and revalidate async.
+    if allow_background_revalidation and staleness <= entry.stale_while_revalidate:
+        return Decision(Use.STALE_WHILE_REVALIDATE, "stale-while-revalidate")
+    return Decision(Use.REVALIDATE, "stale")
+
+
+def may_serve_stale_if_error(entry: StoredResponse, request: RequestDirectives, now: float) -> bool:
+    """RFC 5861 §4: on an origin error, a stale entry inside its stale-if-error window."""
+    if entry.never_serve_stale or request.no_cache:
+        return False
+    staleness = entry.age(now) - entry.freshness
+    if request.max_stale is not None and staleness > request.max_stale:
+        return False
+    return staleness <= entry.stale_if_error
+
+
+# --------------------------------------------------------------------------- conditionals
+
+
+def _etag_opaque(tag: str) -> str:
+    tag = tag.strip()
+    return tag[2:] if tag.startswith("W/") else tag
+
+
+def etags_weak_match(a: str, b: str) -> bool:
+    """RFC 9110 §8.8.3.2 weak comparison: opaque tags equal, W/ ignored."""
+    return _etag_opaque(a) == _etag_opaque(b)
+
+
+def client_conditional_matches(request_headers: HeaderList, entry: StoredResponse) -> bool:
+    """True if a GET/HEAD with these validators should get 304 from ``entry`` (RFC 9110 §13.2.2).
+
+    If-None-Match takes precedence over If-Modified-Since (§13.1.3); conditionals only apply
+    when the selected response would be a 2xx (§13.2.1).
+    """
+    if not 200 <= entry.status < 300:
+        return False
+    inm_values = header_values(request_headers, "if-none-match")
+    if inm_values:
+        if entry.etag is None:
+            return any(v.strip() == "*" for v in inm_values)
+        tags = split_list(inm_values)
+        return any(t == "*" or etags_weak_match(t, entry.etag) for t in tags)
+    ims = parse_http_date(header_get(request_headers, "if-modified-since"))
+    if ims is None:
+        return False
+    # RFC 9111 §4.3.2: compare with Last-Modified, else Date, else the time of receipt.
+    reference = parse_http_date(entry.last_modified) if entry.last_modified else None
+    if reference is None:
+        reference = parse_http_date(header_get(entry.headers, "date"))
+    if reference is None:
+        reference = entry.response_time
+    return reference <= ims
+
+
+def has_client_conditionals(request_headers: HeaderList) -> bool:
+    return bool(header_values(request_headers, "if-none-match") or header_values(request_headers, "if-modified-since"))
+
+
+def validators_for(entry: StoredResponse) -> list[tuple[str, str]]:
+    """Conditional request fields to revalidate ``entry`` with (RFC 9111 §4.3.1)."""
+    out: list[tuple[str, str]] = []
+    if entry.etag:
+        out.append(("If-None-Match", entry.etag))
+    if entry.last_modified:
+        out.append(("If-Modified-Since", entry.last_modified))
+    return out
+
+
+# RFC 9110 §15.4.5: fields a 304 carries (plus Last-Modified as a validator and our own).
+_NOT_MODIFIED_FIELDS = frozenset(
+    {"cache-control", "content-location", "date", "etag", "expires", "vary", "last-modified"}
+)
+
+
+def not_modified_headers(entry: StoredResponse) -> list[tuple[str, str]]:
+    return [(k, v) for k, v in entry.headers if k.lower() in _NOT_MODIFIED_FIELDS]
+
+
+def validator_304_matches(entry: StoredResponse, response_headers: HeaderList) -> bool:
+    """RFC 9111 §4.3.4: may this 304 update ``entry``?
+
+    With a strong ETag in the 304, it must equal the stored one; with only Last-Modified,
+    that must match; with neither, the single stored response we asked about is updated.
+    """
+    etag = header_get(response_headers, "etag")
+    if etag is not None:
+        return entry.etag is not None and etags_weak_match(etag, entry.etag)
+    last_modified = header_get(response_headers, "last-modified")
+    if last_modified is not None and entry.last_modified is not None:
+        return parse_http_date(last_modified) == parse_http_date(entry.last_modified)
+    return True
+
+
+def merge_304(
+    entry: StoredResponse,
+    response_headers: HeaderList,
+    request_time: float,
+    response_time: float,
+    heuristic_cap: float = DEFAULT_HEURISTIC_CAP,
+) -> StoredResponse:
+    """RFC 9111 §3.2 + §4.3.4: freshen a stored response with a 304's header fields.
+
+    Fields in the 304 replace stored ones of the same name, except framing (Content-Length,
+    Content-Encoding, Content-Range) and hop-by-hop fields; freshness is recomputed.
+    """
+    incoming = [(k, v) for k, v in strip_for_storage(response_headers) if k.lower() not in NOT_UPDATED_BY_304]
+    replaced = {k.lower() for k, _ in incoming}
+    headers = tuple((k, v) for k, v in entry.headers if k.lower() not in replaced) + tuple(incoming)
+    cc = ResponseDirectives.from_headers(headers)
+    lifetime, heuristic = freshness_lifetime(entry.status, headers, response_time, heuristic_cap)
+    return dataclasses.replace(
+        entry,
+        headers=headers,
+        request_time=request_time,
+        response_time=response_time,
+        initial_age=corrected_initial_age(response_headers, request_time, response_time),
+        freshness=lifetime,
+        stale_while_revalidate=float(cc.stale_while_revalidate),
+        stale_if_error=float(cc.stale_if_error),
+        never_serve_stale=cc.never_serve_stale,
+        requires_revalidation=cc.no_cache,
+        heuristic=heuristic,
+        etag=header_get(headers, "etag"),
+        last_modified=header_get(headers, "last-modified"),
+    )
+
+
+# --------------------------------------------------------------------------- invalidation (§4.4)
+
+
+def invalidation_keys(
+    method: str,
+    status: int,
+    target_key: str,
+    target_url: str,
+    response_headers: HeaderList,
+) -> list[str]:
+    """Keys to invalidate after an unsafe request (RFC 9111 §4.4).
+
+    A non-error response (2xx/3xx) to an unsafe method invalidates the target URI and the
+    URIs in Location and Content-Location, but only when those share the target's origin.
+    """
+    if method.upper() in SAFE_METHODS or not 200 <= status < 400:
+        return []
+    keys = [target_key]
+    origin = origin_of_key(target_key)
+    for name in ("location", "content-location"):
+        value = header_get(response_headers, name)
+        if not value:
+            continue
+        key = key_for_uri(urljoin(target_url, value.strip()))
+        if key is not None and origin_of_key(key) == origin and key not in keys:
+            keys.append(key)
+    return keys
+
+
+# --------------------------------------------------------------------------- Cache-Status (RFC 9211)
+
+
+@dataclass(slots=True)
+class CacheStatus:
+    """One RFC 9211 Cache-Status member, rendered as ``mitmcache; hit; ttl=12; detail=l1``."""
+
+    hit: bool = False
+    fwd: str | None = None  # bypass, method, uri-miss, vary-miss, miss, request, stale
+    fwd_status: int | None = None
+    stored: bool = False
+    collapsed: bool = False
+    ttl: int | None = None
+    detail: list[str] = field(default_factory=list)
+
+    def render(self, cache_name: str = "mitmcache") -> str:
+        parts = [cache_name]
+        if self.hit:
+            parts.append("hit")
+        if self.fwd:
+            parts.append(f"fwd={self.fwd}")
+        if self.fwd_status is not None:
+            parts.append(f"fwd-status={self.fwd_status}")
+        if self.stored:
+            parts.append("stored")
+        if self.collapsed:
+            parts.append("collapsed")
+        if self.ttl is not None:
+            parts.append(f"ttl={self.ttl}")
+        if self.detail:
+            # detail is an sf-token or sf-string; join ours into one token.
+            parts.append("detail=" + "-".join(self.detail))
+        return "; ".join(parts)
+
+
+def age_header_value(age: float) -> str:
+    """RFC 9111 §5.1: Age is whole seconds, rounded down."""
+    return str(min(int(max(0.0, age)), DELTA_SECONDS_MAX))

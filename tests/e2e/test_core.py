@@ -1,0 +1,369 @@
+"""End to end: real mitmdump + the addon in front of a real local origin that counts requests."""
+
+from __future__ import annotations
+
+import socket
+import time
+from urllib.parse import quote
+
+import httpx
+import pytest
+
+from tests.conftest import Proxy, start_proxy
+from tests.origin import Origin, start_origin
+
+
+def q(cc: str) -> str:
+    return quote(cc, safe="")
+
+
+def test_miss_then_hit(client: httpx.Client, origin: Origin, proxy: Proxy) -> None:
+    path = f"/basic?cc={q('max-age=60')}"
+    r1 = client.get(path)
+    assert r1.status_code == 200
+    assert r1.text == "/basic #1"
+    assert r1.headers["x-cache-status"] == "MISS"
+    assert r1.headers["cache-status"].startswith("mitmcache; fwd=uri-miss; fwd-status=200; stored")
+    assert "age" not in r1.headers
+
+    r2 = client.get(path)
+    assert r2.status_code == 200
+    assert r2.text == "/basic #1"
+    assert r2.headers["x-cache-status"] == "HIT"
+    assert r2.headers["cache-status"].startswith("mitmcache; hit; ttl=")
+    assert "detail=l1" in r2.headers["cache-status"]
+    assert r2.headers["content-length"] == str(len("/basic #1"))
+    assert origin.count(path) == 1
+    m = proxy.metrics()
+    assert m['mitmcache_requests_total{result="hit"}'] >= 1
+    assert m['mitmcache_requests_total{result="miss"}'] >= 1
+    assert m["mitmcache_lru_bytes"] > len("/basic #1")
+
+
+def test_age_includes_upstream_age_and_residence(client: httpx.Client, origin: Origin) -> None:
+    path = f"/age?cc={q('max-age=600')}&age=30"
+    assert client.get(path).headers["x-cache-status"] == "MISS"
+    time.sleep(1.1)
+    r = client.get(path)
+    assert r.headers["x-cache-status"] == "HIT"
+    assert int(r.headers["age"]) >= 31  # upstream Age (30) + time in cache (≥1 s), §4.2.3
+    assert int(r.headers["age"]) < 40
+
+
+def test_age_from_old_date_counts_against_freshness(client: httpx.Client, origin: Origin) -> None:
+    # Date 100 s in the past, max-age=50: apparent age 100 > 50 → stale on arrival (§4.2.3).
+    path = f"/olddate?cc={q('max-age=50')}&date=100"
+    client.get(path)
+    r = client.get(path)
+    assert r.headers["x-cache-status"] == "MISS"
+    assert origin.count(path) == 2
+
+
+@pytest.mark.parametrize(
+    "name,query",
+    [
+        ("max-age", f"cc={q('max-age=1')}"),
+        ("s-maxage beats max-age", f"cc={q('max-age=600, s-maxage=1')}"),
+        ("expires", "expires=1"),
+    ],
+)
+def test_freshness_lifetime_expires(client: httpx.Client, origin: Origin, name: str, query: str) -> None:
+    path = f"/fresh-{name.replace(' ', '-')}?{query}"
+    assert client.get(path).headers["x-cache-status"] == "MISS"
+    assert client.get(path).headers["x-cache-status"] == "HIT"
+    assert origin.count(path) == 1
+    time.sleep(1.3)
+    r = client.get(path)
+    assert r.headers["x-cache-status"] == "MISS"
+    assert r.text.endswith("#2")
+    assert origin.count(path) == 2
+
+
+@pytest.mark.parametrize(
+    "name,query,request_headers",
+    [
+        ("no-store", f"cc={q('no-store, max-age=60')}", {}),
+        ("private", f"cc={q('private, max-age=60')}", {}),
+        ("set-cookie", f"cc={q('max-age=60')}&cookie=1", {}),
+        ("authorization", f"cc={q('max-age=60')}", {"Authorization": "Bearer alice"}),
+        ("request-no-store", f"cc={q('max-age=60')}", {"Cache-Control": "no-store"}),
+    ],
+)
+def test_not_stored(client: httpx.Client, origin: Origin, name: str, query: str, request_headers: dict[str, str]) -> None:
+    path = f"/nostore-{name}?{query}"
+    r1 = client.get(path, headers=request_headers)
+    assert r1.headers["x-cache-status"] == "MISS"
+    assert "stored" not in r1.headers["cache-status"].split("; ")
+    assert f"detail={name}" in r1.headers["cache-status"]
+    r2 = client.get(path, headers=request_headers)
+    assert r2.headers["x-cache-status"] == "MISS"
+    assert r2.text.endswith("#2")
+    assert origin.count(path) == 2
+
+
+def test_set_cookie_never_reaches_another_user(client: httpx.Client, origin: Origin) -> None:
+    path = f"/cookie?cc={q('public, max-age=60')}&cookie=1"
+    assert client.get(path).headers["set-cookie"] == "session=user1; Path=/"
+    assert client.get(path).headers["set-cookie"] == "session=user2; Path=/"
+
+
+@pytest.mark.parametrize("directive", ["public", "s-maxage=60", "must-revalidate"])
+def test_authorization_stored_when_response_allows(client: httpx.Client, origin: Origin, directive: str) -> None:
+    path = f"/auth-ok?cc={q('max-age=60, ' + directive)}"
+    client.get(path, headers={"Authorization": "Bearer alice"})
+    r = client.get(path, headers={"Authorization": "Bearer bob"})
+    assert r.headers["x-cache-status"] == "HIT"
+    assert origin.count(path) == 1
+
+
+def test_vary_two_variants(client: httpx.Client, origin: Origin) -> None:
+    path = f"/vary?cc={q('max-age=60')}&vary=Accept-Language"
+    en = client.get(path, headers={"Accept-Language": "en"})
+    de = client.get(path, headers={"Accept-Language": "de"})
+    assert (en.text, de.text) == ("/vary #1 Accept-Language=en", "/vary #2 Accept-Language=de")
+    assert de.headers["cache-status"].startswith("mitmcache; fwd=vary-miss")
+    en2 = client.get(path, headers={"Accept-Language": "en"})
+    de2 = client.get(path, headers={"Accept-Language": "de"})
+    # Normalised: the case of Accept-Language does not split the variant.
+    en3 = client.get(path, headers={"Accept-Language": "EN"})
+    assert [r.headers["x-cache-status"] for r in (en2, de2, en3)] == ["HIT", "HIT", "HIT"]
+    assert (en2.text, de2.text, en3.text) == (en.text, de.text, en.text)
+    assert origin.count(path) == 2
+    # A request without the header is a third variant, not one of the two.
+    assert client.get(path).headers["x-cache-status"] == "MISS"
+
+
+def test_vary_star_not_stored(client: httpx.Client, origin: Origin) -> None:
+    path = f"/varystar?cc={q('max-age=60')}&vary={q('Accept, *')}"
+    client.get(path)
+    assert client.get(path).headers["x-cache-status"] == "MISS"
+    assert origin.count(path) == 2
+
+
+def test_client_validator_gets_304_from_cache(client: httpx.Client, origin: Origin) -> None:
+    path = f"/inm?cc={q('max-age=60')}&etag=v1&lm=3600"
+    r1 = client.get(path)
+    assert r1.headers["etag"] == '"v1"'
+    r2 = client.get(path, headers={"If-None-Match": 'W/"v1"'})
+    assert r2.status_code == 304
+    assert r2.content == b""
+    assert r2.headers["x-cache-status"] == "HIT"
+    assert r2.headers["etag"] == '"v1"'
+    assert "content-length" not in r2.headers
+    r3 = client.get(path, headers={"If-Modified-Since": r1.headers["last-modified"]})
+    assert r3.status_code == 304
+    r4 = client.get(path, headers={"If-None-Match": '"other"'})
+    assert r4.status_code == 200 and r4.text == r1.text
+    assert origin.count(path) == 1
+
+
+def test_client_validator_on_miss_is_forwarded_and_304_not_stored(client: httpx.Client, origin: Origin) -> None:
+    path = f"/inm-miss?cc={q('max-age=60')}&etag=v1"
+    r1 = client.get(path, headers={"If-None-Match": '"v1"'})
+    assert r1.status_code == 304 and r1.headers["x-cache-status"] == "MISS"
+    r2 = client.get(path)  # the stored 304 would be a wrong answer here (reference W5)
+    assert r2.status_code == 200 and r2.text.endswith("#2")
+
+
+def test_revalidation_with_304_from_origin(client: httpx.Client, origin: Origin) -> None:
+    path = f"/reval?cc={q('max-age=1')}&etag=v1"
+    assert client.get(path).text == "/reval #1"
+    time.sleep(1.2)
+    r = client.get(path)
+    assert r.status_code == 200
+    assert r.text == "/reval #1"  # body from the cache, origin only said 304
+    assert r.headers["x-cache-status"] == "HIT"
+    assert "fwd=stale; fwd-status=304" in r.headers["cache-status"]
+    seen = origin.requests_for(path)
+    assert len(seen) == 2
+    assert seen[1].headers.get("if-none-match") == '"v1"'
+    r3 = client.get(path)  # freshened by the 304
+    assert r3.headers["x-cache-status"] == "HIT"
+    assert r3.headers["cache-status"].startswith("mitmcache; hit")
+    assert origin.count(path) == 2
+
+
+def test_revalidation_with_last_modified(client: httpx.Client, origin: Origin) -> None:
+    path = f"/reval-lm?cc={q('no-cache')}&lm=100"
+    r1 = client.get(path)
+    assert r1.headers["x-cache-status"] == "MISS"
+    r2 = client.get(path)  # no-cache: stored, but validated on every use (§5.2.2.4)
+    assert r2.text == r1.text
+    seen = origin.requests_for(path)
+    assert seen[1].headers.get("if-modified-since") == r1.headers["last-modified"]
+    assert "fwd=stale; fwd-status=304" in r2.headers["cache-status"]
+
+
+def test_request_no_cache_revalidates(client: httpx.Client, origin: Origin) -> None:
+    path = f"/reqnocache?cc={q('max-age=60')}&etag=e"
+    client.get(path)
+    r = client.get(path, headers={"Cache-Control": "no-cache"})
+    assert "fwd=request; fwd-status=304" in r.headers["cache-status"]
+    r = client.get(path, headers={"Pragma": "no-cache"})
+    assert "fwd=request" in r.headers["cache-status"]
+    assert origin.count(path) == 3
+
+
+def test_post_invalidates_cached_get(client: httpx.Client, origin: Origin) -> None:
+    path = f"/item?cc={q('max-age=60')}"
+    client.get(path)
+    assert client.get(path).headers["x-cache-status"] == "HIT"
+    p = client.post(path, content=b"x")
+    assert p.status_code == 200
+    assert "x-cache-status" not in p.headers
+    r = client.get(path)
+    assert r.headers["x-cache-status"] == "MISS"
+    assert r.text == "/item #3"  # GET, POST, GET
+
+
+def test_failed_post_does_not_invalidate(client: httpx.Client, origin: Origin) -> None:
+    path = f"/item-403?cc={q('max-age=60')}"
+    client.get(path)
+    client.post(f"/item-403?cc={q('max-age=60')}&status=403")  # another URI: no effect
+    client.delete(path.replace("cc=", "status=403&cc="))
+    assert client.get(path).headers["x-cache-status"] == "HIT"
+
+
+def test_post_invalidates_same_origin_location(client: httpx.Client, origin: Origin, proxy: Proxy) -> None:
+    target = f"/loc-target?cc={q('max-age=60')}"
+    client.get(target)
+    assert client.get(target).headers["x-cache-status"] == "HIT"
+    # An absolute Location naming the origin invalidates too (reference W15 fixed).
+    client.post(f"/loc-post?status=201&location={q(origin.url + target)}")
+    assert client.get(target).headers["x-cache-status"] == "MISS"
+    # A relative Content-Location as well.
+    client.get(target)
+    client.post(f"/loc-post2?cloc={q(target)}")
+    assert client.get(target).headers["x-cache-status"] == "MISS"
+    # A cross-origin one does not.
+    client.get(target)
+    client.post(f"/loc-post3?location={q('http://elsewhere.example' + target)}")
+    assert client.get(target).headers["x-cache-status"] == "HIT"
+
+
+def _raw_exchange(sock: socket.socket, request: bytes) -> tuple[bytes, bytes]:
+    """Send one request, read one response (headers + Content-Length body unless HEAD)."""
+    sock.sendall(request)
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed"
+        buf += chunk
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    if request.startswith(b"HEAD") or b" 304 " in head.split(b"\r\n")[0]:
+        return head, rest
+    length = int(next(l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")))
+    while len(rest) < length:
+        rest += sock.recv(65536)
+    return head, rest
+
+
+def test_head_after_get_and_keepalive_survives(proxy: Proxy, origin: Origin) -> None:
+    path = f"/head?cc={q('max-age=60')}&size=1000"
+    with socket.create_connection(("127.0.0.1", proxy.port), 5) as s:
+        host = f"Host: 127.0.0.1:{proxy.port}\r\n".encode()
+        head, body = _raw_exchange(s, b"GET " + path.encode() + b" HTTP/1.1\r\n" + host + b"\r\n")
+        assert len(body) == 1000
+        head, rest = _raw_exchange(s, b"HEAD " + path.encode() + b" HTTP/1.1\r\n" + host + b"\r\n")
+        assert b"x-cache-status: hit" in head.lower()
+        assert b"content-length: 1000" in head.lower()
+        assert rest == b""  # no body bytes after a HEAD
+        # The same keep-alive connection still works.
+        head, body = _raw_exchange(s, b"GET " + path.encode() + b" HTTP/1.1\r\n" + host + b"\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        assert len(body) == 1000
+    assert origin.count(path, "GET") == 1
+    assert origin.count(path, "HEAD") == 0
+
+
+def test_head_miss_is_forwarded_not_stored(client: httpx.Client, origin: Origin) -> None:
+    path = f"/headmiss?cc={q('max-age=60')}"
+    r = client.head(path)
+    assert r.headers["x-cache-status"] == "MISS"
+    assert client.get(path).headers["x-cache-status"] == "MISS"  # HEAD never creates the GET entry
+    assert origin.count(path) == 2
+
+
+def test_only_if_cached_miss_is_504_without_origin(client: httpx.Client, origin: Origin) -> None:
+    path = f"/oic?cc={q('max-age=60')}"
+    r = client.get(path, headers={"Cache-Control": "only-if-cached"})
+    assert r.status_code == 504
+    assert r.headers["x-cache-status"] == "MISS"
+    assert origin.count(path) == 0
+    client.get(path)
+    r = client.get(path, headers={"Cache-Control": "only-if-cached"})
+    assert r.status_code == 200 and r.headers["x-cache-status"] == "HIT"
+    # A stored entry that would need revalidation is not usable either: still 504.
+    r = client.get(path, headers={"Cache-Control": "only-if-cached, max-age=0"})
+    assert r.status_code == 504
+    assert origin.count(path) == 1
+
+
+def test_max_stale_serves_stale(client: httpx.Client, origin: Origin) -> None:
+    # stale-if-error keeps the entry past its freshness; the client's max-stale allows it.
+    path = f"/maxstale?cc={q('max-age=1, stale-if-error=60')}"
+    client.get(path)
+    time.sleep(1.2)
+    r = client.get(path, headers={"Cache-Control": "max-stale=30"})
+    assert r.headers["x-cache-status"] == "STALE"
+    assert r.text == "/maxstale #1"
+    path2 = f"/maxstale-mr?cc={q('max-age=1, must-revalidate, stale-if-error=60')}"
+    client.get(path2)
+    time.sleep(1.2)
+    r = client.get(path2, headers={"Cache-Control": "max-stale=30"})
+    assert r.headers["x-cache-status"] == "MISS"  # must-revalidate: never stale (§4.2.4)
+
+
+def test_oversized_response_passes_through(client: httpx.Client, origin: Origin, proxy: Proxy) -> None:
+    path = f"/big?cc={q('max-age=60')}&size={11 * 1024 * 1024}"
+    r = client.get(path)
+    assert len(r.content) == 11 * 1024 * 1024
+    assert "detail=too-large" in r.headers["cache-status"]
+    assert client.get(path).headers["x-cache-status"] == "MISS"
+    assert proxy.metrics()['mitmcache_not_stored_total{reason="too-large"}'] >= 2
+
+
+def test_hit_served_with_origin_stopped(tmp_path, fresh_origin: Origin) -> None:
+    proxy = start_proxy(tmp_path, f"reverse:{fresh_origin.url}")
+    try:
+        c = proxy.client()
+        path = f"/down?cc={q('max-age=60')}"
+        assert c.get(path).headers["x-cache-status"] == "MISS"
+        fresh_origin.stop()
+        c2 = proxy.client()  # a new client connection, with the origin gone
+        r = c2.get(path)
+        assert r.status_code == 200
+        assert r.text == "/down #1"
+        assert r.headers["x-cache-status"] == "HIT"
+        assert c2.get("/not-cached").status_code == 502  # a miss does need the origin
+    finally:
+        proxy.stop()
+
+
+def test_https_regular_mode(tmp_path) -> None:
+    tls_origin = start_origin(tls=True)
+    proxy = start_proxy(tmp_path, "regular", "ssl_insecure=true")
+    try:
+        ca = proxy.confdir / "mitmproxy-ca-cert.pem"
+        with httpx.Client(proxy=proxy.url, verify=str(ca), timeout=10) as c:
+            url = f"https://127.0.0.1:{tls_origin.port}/tls?cc={q('max-age=60')}"
+            r1 = c.get(url)
+            r2 = c.get(url)
+            assert (r1.headers["x-cache-status"], r2.headers["x-cache-status"]) == ("MISS", "HIT")
+            assert r2.text == "/tls #1"
+            # Same host, port and path over plain http is another cache entry.
+            r3 = c.get(url.replace("https://", "http://"))
+            assert r3.status_code == 502 or r3.headers.get("x-cache-status") == "MISS"
+        assert tls_origin.count(f"/tls?cc={q('max-age=60')}") == 1
+    finally:
+        proxy.stop()
+        tls_origin.stop()
+
+
+def test_invalid_option_rejected_at_startup(tmp_path) -> None:
+    with pytest.raises(RuntimeError, match="cache_l1_max_bytes must be a positive"):
+        start_proxy(tmp_path, "regular", "cache_l1_max_bytes=0")
+    with pytest.raises(RuntimeError, match="cache_metrics_port must be 0..65535"):
+        start_proxy(tmp_path, "regular", "cache_metrics_port=70000")
+    with pytest.raises(RuntimeError, match="cache_max_object_bytes must be >= 0"):
+        start_proxy(tmp_path, "regular", "cache_max_object_bytes=-1")

@@ -1,0 +1,196 @@
+"""A real local origin for end-to-end tests: responses shaped by query parameters.
+
+Every request is counted per path+query (``origin.count("/a?x=1")``) and recorded, so a test
+can tell exactly what reached the origin. Parameters:
+
+  cc=…         Cache-Control value          status=N      status code (default 200)
+  etag=…       ETag (quoted for you)        lm=N          Last-Modified N seconds ago
+  expires=N    Expires N seconds from Date  age=N         Age header
+  date=N       Date N seconds in the past   vary=…        Vary value
+  cookie=1     add Set-Cookie               location=…    Location header
+  cloc=…       Content-Location header      size=N        body of N bytes
+  delay=MS     wait before answering        no304=1       ignore conditionals
+The body is "<path> #<count> <vary values>" unless size= is given, so a fresh origin fetch is
+visible in the body.
+"""
+
+from __future__ import annotations
+
+import datetime
+import email.utils
+import ipaddress
+import ssl
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    headers: dict[str, str]
+
+
+@dataclass
+class Origin:
+    server: ThreadingHTTPServer
+    counts: Counter[str] = field(default_factory=Counter)
+    seen: list[Seen] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def port(self) -> int:
+        return self.server.server_address[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def count(self, path: str, method: str | None = None) -> int:
+        with self.lock:
+            if method is None:
+                return self.counts[path]
+            return sum(1 for s in self.seen if s.path == path and s.method == method)
+
+    def requests_for(self, path: str) -> list[Seen]:
+        with self.lock:
+            return [s for s in self.seen if s.path == path]
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    origin: Origin
+
+    def log_message(self, format: str, *args: object) -> None:  # quiet
+        pass
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        # No automatic Date header: the test decides (date=N).
+        self.send_response_only(code, message)
+
+    def _handle(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length:
+            self.rfile.read(length)
+        origin = self.server.origin  # type: ignore[attr-defined]
+        with origin.lock:
+            origin.counts[self.path] += 1
+            n = origin.counts[self.path]
+            origin.seen.append(Seen(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}))
+        q = {k: v[-1] for k, v in parse_qs(urlsplit(self.path).query, keep_blank_values=True).items()}
+        if "delay" in q:
+            time.sleep(int(q["delay"]) / 1000)
+        now = time.time()
+        date = now - int(q.get("date", 0))
+        status = int(q.get("status", 200))
+        headers: list[tuple[str, str]] = [("Date", email.utils.formatdate(date, usegmt=True))]
+        if "cc" in q:
+            headers.append(("Cache-Control", q["cc"]))
+        etag = f'"{q["etag"]}"' if "etag" in q else None
+        if etag:
+            headers.append(("ETag", etag))
+        lm = email.utils.formatdate(now - int(q["lm"]), usegmt=True) if "lm" in q else None
+        if lm:
+            headers.append(("Last-Modified", lm))
+        if "expires" in q:
+            headers.append(("Expires", email.utils.formatdate(date + int(q["expires"]), usegmt=True)))
+        if "age" in q:
+            headers.append(("Age", q["age"]))
+        if "vary" in q:
+            headers.append(("Vary", q["vary"]))
+        if "cookie" in q:
+            headers.append(("Set-Cookie", f"session=user{n}; Path=/"))
+        if "location" in q:
+            headers.append(("Location", q["location"]))
+        if "cloc" in q:
+            headers.append(("Content-Location", q["cloc"]))
+
+        not_modified = False
+        if "no304" not in q and status == 200:
+            inm = self.headers.get("If-None-Match")
+            ims = self.headers.get("If-Modified-Since")
+            if inm is not None and etag is not None:
+                not_modified = etag in [t.strip() for t in inm.split(",")] or inm.strip() == "*"
+            elif ims is not None and lm is not None:
+                not_modified = ims == lm
+        if not_modified:
+            self.send_response(304)
+            for k, v in headers:
+                self.send_header(k, v)
+            self.end_headers()
+            return
+
+        if "size" in q:
+            body = b"x" * int(q["size"])
+        else:
+            vary_vals = ""
+            if "vary" in q:
+                vary_vals = " " + ",".join(
+                    f"{name.strip()}={self.headers.get(name.strip(), '')}" for name in q["vary"].split(",")
+                )
+            body = f"{urlsplit(self.path).path} #{n}{vary_vals}".encode()
+        self.send_response(status)
+        for k, v in headers:
+            self.send_header(k, v)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _handle
+
+
+def _self_signed_context(directory: Path) -> ssl.SSLContext:
+    """A TLS server context with a throwaway self-signed certificate for 127.0.0.1."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = directory / "origin-cert.pem", directory / "origin-key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_file, key_file)
+    return context
+
+
+def start_origin(port: int = 0, tls: bool = False) -> Origin:
+    server = ThreadingHTTPServer(("127.0.0.1", port), _Handler)
+    server.daemon_threads = True
+    if tls:
+        context = _self_signed_context(Path(tempfile.mkdtemp(prefix="origin-tls-")))
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+    origin = Origin(server)
+    server.origin = origin  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, daemon=True, name="origin").start()
+    return origin
