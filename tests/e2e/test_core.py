@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import ssl
 import time
 from urllib.parse import quote
 
@@ -345,7 +346,7 @@ def test_https_regular_mode(tmp_path) -> None:
     proxy = start_proxy(tmp_path, "regular", "ssl_insecure=true")
     try:
         ca = proxy.confdir / "mitmproxy-ca-cert.pem"
-        with httpx.Client(proxy=proxy.url, verify=str(ca), timeout=10) as c:
+        with httpx.Client(proxy=proxy.url, verify=ssl.create_default_context(cafile=str(ca)), timeout=10) as c:
             url = f"https://127.0.0.1:{tls_origin.port}/tls?cc={q('max-age=60')}"
             r1 = c.get(url)
             r2 = c.get(url)

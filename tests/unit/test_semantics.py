@@ -1,0 +1,365 @@
+"""Table-driven tests of the pure semantics module: one case per rule, with its RFC section."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from mitmcache import semantics as sem
+from mitmcache.semantics import NotStorable, RequestDirectives, Use
+
+NOW = 1_800_000_000.0
+
+
+def date(offset: float = 0.0) -> str:
+    return sem.format_http_date(NOW + offset)
+
+
+def entry(resp: list[tuple[str, str]], status: int = 200, req: list[tuple[str, str]] | None = None,
+          body: bytes = b"body", request_time: float = NOW, response_time: float = NOW) -> sem.StoredResponse:
+    return sem.make_stored_response(status, "OK", req or [], resp, body, request_time, response_time)
+
+
+# --------------------------------------------------------------------------- storing (§3)
+
+STORABILITY = [
+    # (id, RFC, method, status, request headers, response headers, body length, expected)
+    ("GET with max-age is stored", "§3", "GET", 200, [], [("Cache-Control", "max-age=60")], 10, None),
+    ("HEAD never stored", "§3 (HEAD answered from GET)", "HEAD", 200, [], [("Cache-Control", "max-age=60")], 0, NotStorable.METHOD),
+    ("POST not stored", "§3", "POST", 200, [], [("Cache-Control", "max-age=60")], 10, NotStorable.METHOD),
+    ("206 not stored without range support", "§3.3", "GET", 206, [], [("Cache-Control", "max-age=60")], 10, NotStorable.STATUS),
+    ("304 not stored", "§3", "GET", 304, [], [("Cache-Control", "max-age=60")], 0, NotStorable.STATUS),
+    ("1xx not stored", "§3 final status", "GET", 103, [], [("Cache-Control", "max-age=60")], 0, NotStorable.STATUS),
+    ("response no-store", "§5.2.2.5", "GET", 200, [], [("Cache-Control", "max-age=60, no-store")], 10, NotStorable.NO_STORE),
+    ("request no-store", "§5.2.1.5", "GET", 200, [("Cache-Control", "no-store")], [("Cache-Control", "max-age=60")], 10, NotStorable.REQUEST_NO_STORE),
+    ("private", "§5.2.2.7", "GET", 200, [], [("Cache-Control", "private, max-age=60")], 10, NotStorable.PRIVATE),
+    ('private="x" treated as private', "§5.2.2.7", "GET", 200, [], [("Cache-Control", 'private="Set-Cookie", max-age=60')], 10, NotStorable.PRIVATE),
+    ("Authorization without permission", "§3.5", "GET", 200, [("Authorization", "Bearer a")], [("Cache-Control", "max-age=60")], 10, NotStorable.AUTHORIZATION),
+    ("Authorization with public", "§3.5", "GET", 200, [("Authorization", "Bearer a")], [("Cache-Control", "public, max-age=60")], 10, None),
+    ("Authorization with s-maxage", "§3.5", "GET", 200, [("Authorization", "Bearer a")], [("Cache-Control", "s-maxage=60")], 10, None),
+    ("Authorization with must-revalidate", "§3.5", "GET", 200, [("Authorization", "Bearer a")], [("Cache-Control", "max-age=60, must-revalidate")], 10, None),
+    ("Set-Cookie not stored by default", "RFC 6265 §8.2", "GET", 200, [], [("Cache-Control", "public, max-age=60"), ("Set-Cookie", "a=b")], 10, NotStorable.SET_COOKIE),
+    ("Vary: *", "RFC 9110 §12.5.5", "GET", 200, [], [("Cache-Control", "max-age=60"), ("Vary", "*")], 10, NotStorable.VARY_STAR),
+    ("Vary: a, * anywhere", "RFC 9110 §12.5.5", "GET", 200, [], [("Cache-Control", "max-age=60"), ("Vary", "Accept"), ("Vary", "Origin, *")], 10, NotStorable.VARY_STAR),
+    ("larger than max object", "spec §3", "GET", 200, [], [("Cache-Control", "max-age=60")], 101, NotStorable.TOO_LARGE),
+    ("streamed body unknown", "spec §3", "GET", 200, [], [("Cache-Control", "max-age=60")], None, NotStorable.INCOMPLETE),
+    ("302 without explicit freshness", "§3 / RFC 9110 §15.1", "GET", 302, [], [("Last-Modified", date(-3600))], 10, NotStorable.NOT_CACHEABLE),
+    ("302 with max-age is stored", "§3", "GET", 302, [], [("Cache-Control", "max-age=60")], 10, None),
+    ("404 heuristically cacheable", "RFC 9110 §15.1", "GET", 404, [], [], 10, None),
+    ("200 no-cache is stored (revalidate each use)", "§5.2.2.4", "GET", 200, [], [("Cache-Control", "no-cache")], 10, None),
+    ("500 without freshness", "§3", "GET", 500, [], [], 10, NotStorable.NOT_CACHEABLE),
+]
+
+
+@pytest.mark.parametrize("case", STORABILITY, ids=[c[0] for c in STORABILITY])
+def test_storability(case: tuple) -> None:
+    _id, _rfc, method, status, req, resp, length, expected = case
+    assert sem.storability(method, status, req, resp, length, 100) == expected
+
+
+# --------------------------------------------------------------------------- freshness (§4.2.1, §4.2.2)
+
+FRESHNESS = [
+    ("s-maxage beats max-age", "§4.2.1", 200, [("Cache-Control", "max-age=100, s-maxage=10"), ("Expires", date(1000))], (10.0, False)),
+    ("max-age beats Expires", "§4.2.1", 200, [("Cache-Control", "max-age=100"), ("Expires", date(1000))], (100.0, False)),
+    ("Expires - Date", "§4.2.1", 200, [("Date", date(-50)), ("Expires", date(50))], (100.0, False)),
+    ("Expires without Date uses receipt time", "§4.2.1", 200, [("Expires", date(30))], (30.0, False)),
+    ("invalid Expires means expired", "§5.3", 200, [("Expires", "0"), ("Last-Modified", date(-10000))], (0.0, False)),
+    ("past Expires", "§5.3", 200, [("Date", date()), ("Expires", date(-10))], (0.0, False)),
+    ("invalid max-age means stale", "§4.2.1", 200, [("Cache-Control", "max-age=abc"), ("Last-Modified", date(-10000))], (0.0, False)),
+    ("first max-age wins", "§4.2.1", 200, [("Cache-Control", "max-age=5, max-age=50")], (5.0, False)),
+    ("max-age over 2^31 is 2^31", "§1.2.2", 200, [("Cache-Control", "max-age=99999999999")], (float(2**31), False)),
+    ("heuristic 10% of Date - Last-Modified", "§4.2.2", 200, [("Date", date()), ("Last-Modified", date(-1000))], (100.0, True)),
+    ("heuristic is capped", "§4.2.2", 200, [("Date", date()), ("Last-Modified", date(-10**8))], (sem.DEFAULT_HEURISTIC_CAP, True)),
+    ("no heuristic for 302", "§4.2.2", 302, [("Date", date()), ("Last-Modified", date(-1000))], (0.0, False)),
+    ("no heuristic without Last-Modified", "§4.2.2", 200, [("Date", date())], (0.0, False)),
+    ("Last-Modified in the future gives nothing", "§4.2.2", 200, [("Date", date()), ("Last-Modified", date(100))], (0.0, False)),
+    ("Cache-Control split over lines", "§5.2", 200, [("Cache-Control", "public"), ("Cache-Control", "max-age=7")], (7.0, False)),
+]
+
+
+@pytest.mark.parametrize("case", FRESHNESS, ids=[c[0] for c in FRESHNESS])
+def test_freshness_lifetime(case: tuple) -> None:
+    _id, _rfc, status, headers, expected = case
+    assert sem.freshness_lifetime(status, headers, NOW) == expected
+
+
+AGE = [
+    # (id, headers, request_time, response_time, expected corrected_initial_age)
+    ("no Date no Age: response delay only", [], NOW - 2, NOW, 2.0),
+    ("upstream Age adds delay", [("Age", "30")], NOW - 2, NOW, 32.0),
+    ("apparent age from Date wins when larger", [("Date", date(-20)), ("Age", "5")], NOW, NOW, 20.0),
+    ("Date in the future gives no negative age", [("Date", date(100))], NOW, NOW, 0.0),
+    ("invalid Age ignored", [("Age", "-3")], NOW, NOW, 0.0),
+]
+
+
+@pytest.mark.parametrize("case", AGE, ids=[c[0] for c in AGE])
+def test_corrected_initial_age_4_2_3(case: tuple) -> None:
+    _id, headers, req_t, resp_t, expected = case
+    assert sem.corrected_initial_age(headers, req_t, resp_t) == expected
+
+
+def test_current_age_and_freshness_include_upstream_age() -> None:
+    # §4.2.3/§4.2: max-age=300 with Age: 250 has 50 s left, not 300.
+    e = entry([("Cache-Control", "max-age=300"), ("Age", "250")])
+    assert e.age(NOW + 10) == 260
+    assert e.is_fresh(NOW + 49)
+    assert not e.is_fresh(NOW + 51)
+    assert sem.age_header_value(e.age(NOW + 10.9)) == "260"
+
+
+# --------------------------------------------------------------------------- request directives (§5.2.1)
+
+REQUEST_CC = [
+    ("no-cache", "§5.2.1.4", [("Cache-Control", "no-cache")], RequestDirectives(no_cache=True)),
+    ("Pragma without Cache-Control", "§5.4", [("Pragma", "no-cache")], RequestDirectives(no_cache=True)),
+    ("Pragma ignored with Cache-Control", "§5.4", [("Pragma", "no-cache"), ("Cache-Control", "max-stale")], RequestDirectives(max_stale=math.inf)),
+    ("max-age=0", "§5.2.1.1", [("Cache-Control", "max-age=0")], RequestDirectives(max_age=0)),
+    ("bare max-stale is unlimited", "§5.2.1.2", [("Cache-Control", "max-stale")], RequestDirectives(max_stale=math.inf)),
+    ("max-stale=60", "§5.2.1.2", [("Cache-Control", "max-stale=60")], RequestDirectives(max_stale=60)),
+    ("min-fresh", "§5.2.1.3", [("Cache-Control", "min-fresh=30")], RequestDirectives(min_fresh=30)),
+    ("only-if-cached", "§5.2.1.7", [("Cache-Control", "only-if-cached")], RequestDirectives(only_if_cached=True)),
+    ("no-store", "§5.2.1.5", [("Cache-Control", "NO-STORE")], RequestDirectives(no_store=True)),
+]
+
+
+@pytest.mark.parametrize("case", REQUEST_CC, ids=[c[0] for c in REQUEST_CC])
+def test_request_directives(case: tuple) -> None:
+    _id, _rfc, headers, expected = case
+    assert RequestDirectives.from_headers(headers) == expected
+
+
+def rd(cc: str) -> RequestDirectives:
+    return RequestDirectives.from_headers([("Cache-Control", cc)] if cc else [])
+
+
+DECIDE = [
+    # (id, RFC, response headers, request CC, seconds after storing, expected Use)
+    ("fresh", "§4.2", [("Cache-Control", "max-age=60")], "", 10, Use.FRESH),
+    ("stale", "§4.2", [("Cache-Control", "max-age=60")], "", 61, Use.REVALIDATE),
+    ("request no-cache", "§5.2.1.4", [("Cache-Control", "max-age=60")], "no-cache", 1, Use.REVALIDATE),
+    ("request max-age=0", "§5.2.1.1", [("Cache-Control", "max-age=60")], "max-age=0", 1, Use.REVALIDATE),
+    ("request max-age larger than age", "§5.2.1.1", [("Cache-Control", "max-age=60")], "max-age=30", 10, Use.FRESH),
+    ("min-fresh satisfied", "§5.2.1.3", [("Cache-Control", "max-age=60")], "min-fresh=30", 10, Use.FRESH),
+    ("min-fresh not satisfied", "§5.2.1.3", [("Cache-Control", "max-age=60")], "min-fresh=30", 40, Use.REVALIDATE),
+    ("max-stale allows stale", "§5.2.1.2", [("Cache-Control", "max-age=60")], "max-stale=30", 80, Use.STALE_OK),
+    ("max-stale too small", "§5.2.1.2", [("Cache-Control", "max-age=60")], "max-stale=10", 80, Use.REVALIDATE),
+    ("bare max-stale", "§5.2.1.2", [("Cache-Control", "max-age=60")], "max-stale", 10**6, Use.STALE_OK),
+    ("must-revalidate blocks max-stale", "§5.2.2.2", [("Cache-Control", "max-age=60, must-revalidate")], "max-stale", 80, Use.REVALIDATE),
+    ("proxy-revalidate blocks max-stale", "§5.2.2.8", [("Cache-Control", "max-age=60, proxy-revalidate")], "max-stale", 80, Use.REVALIDATE),
+    ("s-maxage blocks max-stale", "§5.2.2.10", [("Cache-Control", "s-maxage=60")], "max-stale", 80, Use.REVALIDATE),
+    ("response no-cache always revalidates", "§5.2.2.4", [("Cache-Control", "no-cache, max-age=60")], "", 1, Use.REVALIDATE),
+    ("swr window (background allowed)", "RFC 5861 §3", [("Cache-Control", "max-age=60, stale-while-revalidate=30")], "", 80, Use.STALE_WHILE_REVALIDATE),
+    ("past swr window", "RFC 5861 §3", [("Cache-Control", "max-age=60, stale-while-revalidate=30")], "", 95, Use.REVALIDATE),
+]
+
+
+@pytest.mark.parametrize("case", DECIDE, ids=[c[0] for c in DECIDE])
+def test_decide(case: tuple) -> None:
+    _id, _rfc, resp, cc, after, expected = case
+    assert sem.decide(entry(resp), rd(cc), NOW + after, allow_background_revalidation=True).use is expected
+
+
+def test_swr_window_needs_background_revalidation() -> None:
+    e = entry([("Cache-Control", "max-age=60, stale-while-revalidate=30")])
+    assert sem.decide(e, rd(""), NOW + 80).use is Use.REVALIDATE
+
+
+STALE_IF_ERROR = [
+    ("inside window", "RFC 5861 §4", "max-age=60, stale-if-error=30", "", 80, True),
+    ("past window", "RFC 5861 §4", "max-age=60, stale-if-error=30", "", 100, False),
+    ("must-revalidate forbids", "§4.2.4", "max-age=60, stale-if-error=30, must-revalidate", "", 80, False),
+    ("s-maxage forbids", "§4.2.4", "s-maxage=60, stale-if-error=30", "", 80, False),
+    ("client max-stale narrows", "§5.2.1.2", "max-age=60, stale-if-error=30", "max-stale=5", 80, False),
+]
+
+
+@pytest.mark.parametrize("case", STALE_IF_ERROR, ids=[c[0] for c in STALE_IF_ERROR])
+def test_stale_if_error_window(case: tuple) -> None:
+    _id, _rfc, cc, req, after, expected = case
+    assert sem.may_serve_stale_if_error(entry([("Cache-Control", cc)]), rd(req), NOW + after) is expected
+
+
+# --------------------------------------------------------------------------- conditionals (RFC 9110 §13, RFC 9111 §4.3)
+
+CONDITIONAL = [
+    ("INM weak match", "RFC 9110 §13.1.2", [("If-None-Match", 'W/"a"')], [("ETag", '"a"')], True),
+    ("INM list", "RFC 9110 §13.1.2", [("If-None-Match", '"x", "a"')], [("ETag", '"a"')], True),
+    ("INM no match", "RFC 9110 §13.1.2", [("If-None-Match", '"b"')], [("ETag", '"a"')], False),
+    ("INM star", "RFC 9110 §13.1.2", [("If-None-Match", "*")], [("ETag", '"a"')], True),
+    ("INM takes precedence over IMS", "RFC 9110 §13.1.3", [("If-None-Match", '"b"'), ("If-Modified-Since", date())], [("ETag", '"a"'), ("Last-Modified", date(-100))], False),
+    ("IMS not modified", "RFC 9110 §13.1.3", [("If-Modified-Since", date(-50))], [("Last-Modified", date(-100))], True),
+    ("IMS modified since", "RFC 9110 §13.1.3", [("If-Modified-Since", date(-150))], [("Last-Modified", date(-100))], False),
+    ("IMS falls back to Date", "§4.3.2", [("If-Modified-Since", date())], [("Date", date(-10))], True),
+    ("invalid IMS ignored", "RFC 9110 §13.1.3", [("If-Modified-Since", "yesterday")], [("Last-Modified", date(-100))], False),
+]
+
+
+@pytest.mark.parametrize("case", CONDITIONAL, ids=[c[0] for c in CONDITIONAL])
+def test_client_conditionals(case: tuple) -> None:
+    _id, _rfc, req, resp, expected = case
+    e = entry(resp + [("Cache-Control", "max-age=60")])
+    assert sem.client_conditional_matches(req, e) is expected
+
+
+def test_conditionals_only_for_2xx_entries() -> None:
+    e = entry([("Cache-Control", "max-age=60"), ("ETag", '"a"')], status=404)
+    assert not sem.client_conditional_matches([("If-None-Match", '"a"')], e)
+
+
+def test_validators_for_revalidation_4_3_1() -> None:
+    e = entry([("ETag", '"a"'), ("Last-Modified", date(-100)), ("Cache-Control", "max-age=1")])
+    assert sem.validators_for(e) == [("If-None-Match", '"a"'), ("If-Modified-Since", date(-100))]
+
+
+def test_304_merge_updates_headers_but_not_framing_3_2() -> None:
+    e = entry(
+        [("Cache-Control", "max-age=1"), ("ETag", '"a"'), ("Content-Length", "4"), ("X-Old", "1"),
+         ("Content-Encoding", "gzip")],
+        response_time=NOW - 100, request_time=NOW - 100,
+    )
+    assert not e.is_fresh(NOW)
+    merged = sem.merge_304(
+        e,
+        [("Cache-Control", "max-age=60"), ("ETag", '"a"'), ("Content-Length", "0"), ("X-Old", "2"),
+         ("Content-Encoding", "br"), ("Connection", "close"), ("Date", date())],
+        NOW, NOW,
+    )
+    h = dict((k.lower(), v) for k, v in merged.headers)
+    assert h["cache-control"] == "max-age=60"
+    assert h["x-old"] == "2"
+    assert h["content-length"] == "4"  # §3.2: Content-Length is not updated
+    assert h["content-encoding"] == "gzip"
+    assert "connection" not in h
+    assert merged.body == e.body
+    assert merged.is_fresh(NOW + 30)
+
+
+VALIDATOR_304 = [
+    ("same strong ETag", [("ETag", '"a"')], [("ETag", '"a"')], True),
+    ("other ETag", [("ETag", '"b"')], [("ETag", '"a"')], False),
+    ("no validator in 304", [], [("ETag", '"a"')], True),
+    ("Last-Modified matches", [("Last-Modified", date(-100))], [("Last-Modified", date(-100))], True),
+    ("Last-Modified differs", [("Last-Modified", date(-50))], [("Last-Modified", date(-100))], False),
+]
+
+
+@pytest.mark.parametrize("case", VALIDATOR_304, ids=[c[0] for c in VALIDATOR_304])
+def test_which_stored_response_a_304_updates_4_3_4(case: tuple) -> None:
+    _id, resp304, stored, expected = case
+    assert sem.validator_304_matches(entry(stored), resp304) is expected
+
+
+# --------------------------------------------------------------------------- Vary (§4.1)
+
+
+def test_vary_lines_combined_sorted_lowercased() -> None:
+    assert sem.vary_names([("Vary", "Accept-Language, accept"), ("Vary", "Origin")]) == ("accept", "accept-language", "origin")
+
+
+VARY_MATCH = [
+    ("same value", [("Accept-Language", "en")], [("Accept-Language", "en")], True),
+    ("case-insensitive field lower-cased", [("Accept-Language", "en-US")], [("Accept-Language", "EN-us")], True),
+    ("whitespace collapsed", [("Accept-Encoding", "gzip,  br")], [("Accept-Encoding", "gzip, br")], True),
+    ("multiple lines combined", [("Accept-Encoding", "gzip"), ("Accept-Encoding", "br")], [("Accept-Encoding", "gzip, br")], True),
+    ("different value", [("Accept-Language", "en")], [("Accept-Language", "de")], False),
+    ("missing differs from empty", [], [("Accept-Language", "")], False),
+    ("case-sensitive field kept", [("X-Tenant", "Acme")], [("X-Tenant", "acme")], False),
+]
+
+
+@pytest.mark.parametrize("case", VARY_MATCH, ids=[c[0] for c in VARY_MATCH])
+def test_vary_matching(case: tuple) -> None:
+    _id, stored_req, new_req, expected = case
+    names = "accept-language, accept-encoding, x-tenant"
+    e = entry([("Cache-Control", "max-age=60"), ("Vary", names)], req=stored_req)
+    assert sem.variant_matches(e, new_req) is expected
+
+
+def test_select_most_recent_matching_variant_4_1() -> None:
+    old = entry([("Vary", "Accept")], req=[("Accept", "a")], response_time=NOW - 10, body=b"old")
+    new = entry([("Vary", "Accept")], req=[("Accept", "a")], response_time=NOW, body=b"new")
+    other = entry([("Vary", "Accept")], req=[("Accept", "b")], body=b"other")
+    assert sem.select_variant([old, other, new], [("Accept", "a")]).body == b"new"  # type: ignore[union-attr]
+    assert sem.select_variant([old, new], [("Accept", "c")]) is None
+
+
+# --------------------------------------------------------------------------- key (§2) and invalidation (§4.4)
+
+KEYS = [
+    ("host lower-cased, default port dropped", ("http", "Example.COM", 80, "/a?b=1"), "http://example.com/a?b=1"),
+    ("https default port", ("https", "example.com", 443, "/"), "https://example.com/"),
+    ("non-default port kept", ("http", "example.com", 8080, "/"), "http://example.com:8080/"),
+    ("http on 443 keeps its port", ("http", "example.com", 443, "/"), "http://example.com:443/"),
+    ("IPv6 bracketed", ("http", "::1", 8080, "/"), "http://[::1]:8080/"),
+]
+
+
+@pytest.mark.parametrize("case", KEYS, ids=[c[0] for c in KEYS])
+def test_cache_key(case: tuple) -> None:
+    _id, args, expected = case
+    assert sem.cache_key(*args) == expected
+
+
+def test_http_and_https_never_share_a_key() -> None:
+    assert sem.cache_key("http", "a.example", 8443, "/") != sem.cache_key("https", "a.example", 8443, "/")
+
+
+INVALIDATION = [
+    ("POST 200 invalidates target", "POST", 200, [], ["http://o.example/r"]),
+    ("DELETE 204", "DELETE", 204, [], ["http://o.example/r"]),
+    ("custom unsafe method", "PURGEME", 200, [], ["http://o.example/r"]),
+    ("error status does not", "POST", 403, [], []),
+    ("safe method does not", "GET", 200, [], []),
+    ("relative Location", "POST", 201, [("Location", "/other")], ["http://o.example/r", "http://o.example/other"]),
+    ("absolute same-origin Content-Location", "PUT", 200, [("Content-Location", "http://O.example:80/c")], ["http://o.example/r", "http://o.example/c"]),
+    ("cross-origin Location ignored", "POST", 201, [("Location", "http://evil.example/r2")], ["http://o.example/r"]),
+    ("https Location is another origin", "POST", 201, [("Location", "https://o.example/r")], ["http://o.example/r"]),
+]
+
+
+@pytest.mark.parametrize("case", INVALIDATION, ids=[c[0] for c in INVALIDATION])
+def test_invalidation_4_4(case: tuple) -> None:
+    _id, method, status, headers, expected = case
+    key = "http://o.example/r"
+    assert sem.invalidation_keys(method, status, key, "http://o.example/r", headers) == expected
+
+
+# --------------------------------------------------------------------------- hygiene
+
+
+def test_hop_by_hop_and_connection_named_fields_not_stored_3_1() -> None:
+    e = entry([("Connection", "X-Private, close"), ("X-Private", "1"), ("Keep-Alive", "5"),
+               ("Transfer-Encoding", "chunked"), ("Age", "3"), ("X-Cache-Status", "HIT"), ("ETag", '"a"')])
+    assert [k for k, _ in e.headers] == ["ETag"]
+
+
+def test_not_modified_headers_are_the_304_set() -> None:
+    e = entry([("Cache-Control", "max-age=60"), ("ETag", '"a"'), ("Content-Type", "text/plain"), ("Content-Length", "4")])
+    assert {k.lower() for k, _ in sem.not_modified_headers(e)} == {"cache-control", "etag"}
+
+
+def test_retention_bounds_no_cache_entries() -> None:
+    # reference W17: TTL-0 entries must not live forever.
+    e = entry([("Cache-Control", "no-cache"), ("ETag", '"a"')])
+    assert NOW < e.retain_until() <= NOW + 3600
+
+
+def test_cache_status_rendering_rfc_9211() -> None:
+    s = sem.CacheStatus(fwd="uri-miss", fwd_status=200, stored=True, ttl=59)
+    assert s.render() == "mitmcache; fwd=uri-miss; fwd-status=200; stored; ttl=59"
+    assert sem.CacheStatus(hit=True, ttl=3, detail=["l1"]).render() == "mitmcache; hit; ttl=3; detail=l1"
+
+
+@pytest.mark.parametrize("value", ["", "garbage", "Sun, 99 Foo 2026 99:99:99 GMT", "\x00\xff", "Mon, 01 Jan 99999 00:00:00 GMT"])
+def test_bad_dates_are_ignored_not_raised(value: str) -> None:
+    assert sem.parse_http_date(value) is None
+
+
+def test_http_date_formats_rfc_9110_5_6_7() -> None:
+    expected = 784111777.0
+    assert sem.parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT") == expected
+    assert sem.parse_http_date("Sunday, 06-Nov-94 08:49:37 GMT") == expected
+    assert sem.parse_http_date("Sun Nov  6 08:49:37 1994") == expected
