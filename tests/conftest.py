@@ -86,7 +86,7 @@ def start_proxy(tmp: Path, mode: str, *sets: str) -> Proxy:
     """Start mitmdump with the addon; ``sets`` are ``name=value`` options (they win)."""
     port, metrics_port = free_port(), free_port()
     confdir = tmp / "mitmproxy-conf"
-    confdir.mkdir(exist_ok=True)
+    confdir.mkdir(parents=True, exist_ok=True)
     options = {
         "confdir": str(confdir),
         "cache_metrics_port": str(metrics_port),

@@ -20,8 +20,10 @@ from mitmproxy.net.http import status_codes
 
 from . import semantics as sem
 from .metrics import Metrics
+from .ring import ValkeyURLError, parse_valkey_urls
 from .semantics import CacheStatus, StoredResponse, Use
-from .store import TieredStore
+from .store import Resource, TieredStore
+from .valkey_tier import ValkeyTier
 
 log = logging.getLogger("mitmcache")
 
@@ -36,6 +38,7 @@ class FlowState:
     key: str
     method: str
     served: bool = False  # answered from cache in the request hook
+    resource: Resource | None = None  # what the lookup found (other variants to keep)
     store_allowed: bool = True
     revalidating: StoredResponse | None = None
     client_conditionals: list[tuple[str, str]] = field(default_factory=list)
@@ -67,6 +70,7 @@ class MitmCache:
         self.metrics = Metrics()
         self.store = TieredStore(self.metrics, 268435456)
         self._purge_task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[object]] = set()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -87,6 +91,21 @@ class MitmCache:
             "cache_heuristic_max", int, 86400,
             "Upper bound in seconds for heuristic freshness (10% of Date - Last-Modified).",
         )
+        loader.add_option(
+            "cache_valkey_urls", str, "",
+            "Comma-separated valkey://[user:password@]host:port[/db] or valkeys:// (TLS) URLs, "
+            "one per ring node. Empty: L1 only.",
+        )
+        loader.add_option(
+            "cache_l1_ttl", int, 60,
+            "Seconds an entry may live in L1 when Valkey is configured (near-cache bound); "
+            "0 = L1 only as fallback.",
+        )
+        loader.add_option("cache_key_prefix", str, "mitmcache", "Namespace of every key written to Valkey.")
+        loader.add_option(
+            "cache_valkey_timeout_ms", int, 250,
+            "Timeout of one Valkey operation in milliseconds; a slower node counts as failing.",
+        )
 
     def configure(self, updated: set[str]) -> None:
         opts = ctx.options
@@ -98,6 +117,16 @@ class MitmCache:
             raise exceptions.OptionsError("cache_max_object_bytes must be >= 0")
         if "cache_heuristic_max" in updated and opts.cache_heuristic_max < 0:
             raise exceptions.OptionsError("cache_heuristic_max must be >= 0 seconds")
+        if "cache_l1_ttl" in updated:
+            if opts.cache_l1_ttl < 0:
+                raise exceptions.OptionsError("cache_l1_ttl must be >= 0 seconds")
+            self.store.l1_ttl = float(opts.cache_l1_ttl)
+        if "cache_valkey_timeout_ms" in updated and opts.cache_valkey_timeout_ms < 1:
+            raise exceptions.OptionsError("cache_valkey_timeout_ms must be >= 1")
+        if "cache_key_prefix" in updated and not opts.cache_key_prefix.strip():
+            raise exceptions.OptionsError("cache_key_prefix must not be empty")
+        if updated & {"cache_valkey_urls", "cache_key_prefix", "cache_valkey_timeout_ms"}:
+            self._configure_l2()
         if "cache_metrics_port" in updated:
             port = opts.cache_metrics_port
             if not 0 <= port <= 65535:
@@ -114,6 +143,34 @@ class MitmCache:
             log.warning("mitmcache: setting connection_strategy=lazy so hits are served without the origin")
             opts.update(connection_strategy="lazy")
 
+    def _configure_l2(self) -> None:
+        opts = ctx.options
+        try:
+            nodes = parse_valkey_urls(opts.cache_valkey_urls)
+        except ValkeyURLError as e:
+            raise exceptions.OptionsError(f"cache_valkey_urls: {e}") from None
+        old, self.store.l2 = self.store.l2, None
+        if old is not None:
+            self._spawn(old.close())
+        if nodes:
+            self.store.l2 = ValkeyTier(
+                nodes, opts.cache_key_prefix, opts.cache_valkey_timeout_ms, self.metrics, self.store.forget_node
+            )
+            log.info(f"mitmcache: L2 ring of {len(nodes)} Valkey nodes: {', '.join(n.name for n in nodes)}")
+        else:
+            self.metrics.ring_members.labels("up").set(0)
+            self.metrics.ring_members.labels("down").set(0)
+
+    def _spawn(self, coro) -> None:  # type: ignore[no-untyped-def]
+        """Run a coroutine in the background (keeping a reference so it is not collected)."""
+        try:
+            task = asyncio.get_running_loop().create_task(coro)
+        except RuntimeError:
+            coro.close()
+            return
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     def running(self) -> None:
         # Sync on purpose: an async running breaks live reload (mitmproxy-notes A3).
         try:
@@ -124,9 +181,13 @@ class MitmCache:
             self._purge_task = loop.create_task(self._purge_loop())
 
     def done(self) -> None:
+        # Sync on purpose (mitmproxy-notes A3); closing Valkey clients is scheduled if a loop runs.
         if self._purge_task is not None:
             self._purge_task.cancel()
             self._purge_task = None
+        if self.store.l2 is not None:
+            self._spawn(self.store.l2.close())
+            self.store.l2 = None
         self.metrics.stop()
 
     async def _purge_loop(self) -> None:
@@ -180,9 +241,12 @@ class MitmCache:
         if entry is None:
             if directives.only_if_cached:
                 return self._only_if_cached_miss(flow, state)
+            state.resource = lookup.resource if lookup else None
             state.status.fwd = "vary-miss" if lookup else "uri-miss"
             return
-        state.status.detail.append(lookup.tier)  # type: ignore[union-attr]
+        assert lookup is not None
+        state.resource = lookup.resource
+        state.status.detail.append(lookup.tier)
 
         decision = sem.decide(entry, directives, now)
         if decision.use is Use.FRESH:
@@ -336,7 +400,7 @@ class MitmCache:
             state.status.detail.append("no-freshness")
             self.metrics.not_stored.labels("no-freshness").inc()
             return
-        if await self.store.put(state.key, entry, now):
+        if await self.store.put(state.key, entry, now, base=state.resource):
             state.status.stored = True
             state.status.ttl = int(entry.ttl(now))
         else:
@@ -357,7 +421,7 @@ class MitmCache:
                 resp.timestamp_end or now,
                 float(ctx.options.cache_heuristic_max),
             )
-            await self.store.replace(state.key, state.revalidating, entry, now)  # type: ignore[arg-type]
+            await self.store.put(state.key, entry, now, base=state.resource)
             state.status.stored = True
         else:
             log.warning(f"mitmcache: 304 for {state.key} does not match the stored validators; not merged")
@@ -389,6 +453,7 @@ class MitmCache:
                 "l1_entries": len(self.store.l1),
                 "l1_bytes": self.store.l1.bytes,
                 "l1_max_bytes": self.store.l1.max_bytes,
+                "l2_nodes": self.store.l2.members() if self.store.l2 else {},
                 "requests": counts,
             },
             sort_keys=True,
@@ -396,10 +461,11 @@ class MitmCache:
 
     @command.command("cache.clear")
     def clear(self) -> int:
-        """Drop every cached entry; returns how many URLs were dropped."""
-        n = self.store.l1.clear()
-        self.store._update_gauges()
-        log.info(f"mitmcache: cleared {n} cached URLs")
+        """Drop every cached entry in L1 and (in the background) in Valkey; returns L1's count."""
+        n = self.store.clear_l1()
+        if self.store.l2 is not None:
+            self._spawn(self.store.l2.clear())
+        log.info(f"mitmcache: cleared {n} cached URLs from L1" + (" and Valkey" if self.store.l2 else ""))
         return n
 
     @command.command("cache.purge")
@@ -410,6 +476,8 @@ class MitmCache:
             raise exceptions.CommandError(f"cache.purge needs an absolute http(s) URL, not {url!r}")
         removed = 1 if self.store.l1.delete(key) else 0
         self.store._update_gauges()
+        if self.store.l2 is not None:
+            self._spawn(self.store.delete([key]))
         self.metrics.invalidations.inc()
         return removed
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 
 class Metrics:
@@ -42,6 +42,34 @@ class Metrics:
         self.lru_entries = Gauge("mitmcache_lru_entries", "Cached URLs held by L1.", registry=r)
         self.bad_input = Counter(
             "mitmcache_bad_input", "Malformed input ignored by the cache, by kind.", ["kind"], registry=r
+        )
+        # L2 (Valkey)
+        self.l2_hits = Counter("mitmcache_l2_hits", "Lookups answered by Valkey (L1 missed).", registry=r)
+        self.valkey_miss = Counter(
+            "mitmcache_valkey_miss", "Lookups Valkey answered with no entry (a clean miss).", registry=r
+        )
+        self.valkey_get_fallback = Counter(
+            "mitmcache_valkey_get_fallback", "Lookups that could not use Valkey and fell back to L1.", registry=r
+        )
+        self.valkey_set_fallback = Counter(
+            "mitmcache_valkey_set_fallback", "Stores that could not reach Valkey and went to L1 only.", registry=r
+        )
+        self.valkey_decode_errors = Counter(
+            "mitmcache_valkey_decode_errors", "Valkey values that failed to decode (treated as a miss).", registry=r
+        )
+        self.valkey_errors = Counter(
+            "mitmcache_valkey_errors", "Failed Valkey operations, by node and operation.", ["node", "op"], registry=r
+        )
+        self.valkey_op_seconds = Histogram(
+            "mitmcache_valkey_op_seconds",
+            "Latency of Valkey operations.",
+            ["op"],
+            buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=r,
+        )
+        self.ring_members = Gauge("mitmcache_ring_members", "Valkey ring nodes by state.", ["state"], registry=r)
+        self.ring_state_changes = Counter(
+            "mitmcache_ring_state_changes", "Valkey nodes marked down or back up.", registry=r
         )
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None

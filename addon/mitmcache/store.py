@@ -1,17 +1,34 @@
-"""The tiered store: what the addon reads and writes, whatever tiers sit behind it.
+"""The tiered store: L1 (in-process) in front of an optional L2 (Valkey ring).
 
 A *resource* is everything cached for one primary key (one URL): its Vary variants, kept
-together so that invalidation and purge reach all of them at once (spec §3, reference W14).
-Values are immutable; a new variant produces a new Resource (copy on write).
+together so that invalidation and purge reach all of them at once (spec §3, reference W14),
+and so that they live on the same Valkey node. Values are immutable; a new variant produces a
+new Resource (copy on write).
+
+Tier rules (spec §4):
+- read: L1, then L2; an L2 hit is copied into L1 for at most ``l1_ttl`` seconds. The entry's
+  own freshness fields are never touched, so an L1 copy is never "staler" than L2 (W10).
+- write: L2 and L1 (bounded by ``l1_ttl``); when L2 fails, L1 keeps it for its full retention.
+- a Valkey error on read falls back to L1 (already consulted) and the request goes on as a miss;
+  it never becomes a client error.
+- when a node comes back, L1 copies of its keys are dropped: they may be fallback writes that
+  would otherwise shadow newer L2 state (W28).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import math
 from dataclasses import dataclass
 
+from . import codec
 from .l1 import ByteLRU
 from .metrics import Metrics
 from .semantics import StoredResponse
+from .valkey_tier import L2Error, ValkeyTier
+
+log = logging.getLogger("mitmcache")
 
 # Keep at most this many variants per URL (most recent win): bounds Vary fragmentation.
 MAX_VARIANTS = 16
@@ -38,14 +55,14 @@ class Resource:
 @dataclass(frozen=True, slots=True)
 class Lookup:
     resource: Resource
-    tier: str  # "l1" (later "l2")
+    tier: str  # "l1" or "l2"
 
 
 class TieredStore:
-    """L1 only for now; L2 (Valkey) slots in behind the same async API."""
-
-    def __init__(self, metrics: Metrics, l1_max_bytes: int) -> None:
+    def __init__(self, metrics: Metrics, l1_max_bytes: int, l1_ttl: float = 60.0) -> None:
         self.metrics = metrics
+        self.l1_ttl = l1_ttl
+        self.l2: ValkeyTier | None = None
         self.l1: ByteLRU[Resource] = ByteLRU(
             l1_max_bytes,
             on_evict=lambda n: metrics.lru_evictions.inc(n),
@@ -56,36 +73,101 @@ class TieredStore:
         self.l1.max_bytes = l1_max_bytes
         self._update_gauges()
 
+    # ------------------------------------------------------------------ read
+
     async def get(self, key: str, now: float) -> Lookup | None:
         resource = self.l1.get(key, now)
         if resource is not None:
             self.metrics.l1_hits.inc()
             return Lookup(resource, "l1")
-        return None
+        if self.l2 is None:
+            return None
+        try:
+            data = await self.l2.get(key)
+        except L2Error as e:
+            self.metrics.valkey_get_fallback.inc()
+            log.debug(f"mitmcache: L2 get fell back to L1: {e}")
+            return None
+        if data is None:
+            self.metrics.valkey_miss.inc()
+            return None
+        try:
+            resource = Resource(codec.decode(data))
+        except codec.DecodeError as e:
+            self.metrics.valkey_decode_errors.inc()
+            self.metrics.bad_input.labels("valkey-value").inc()
+            log.warning(f"mitmcache: undecodable Valkey value for {key} ({e}); treated as a miss")
+            return None
+        self.metrics.l2_hits.inc()
+        if self.l1_ttl > 0:
+            self._l1_set(key, resource, min(now + self.l1_ttl, resource.retain_until()), now)
+        return Lookup(resource, "l2")
 
-    async def put(self, key: str, entry: StoredResponse, now: float) -> bool:
-        """Store one variant, keeping the URL's other variants. False if not kept anywhere."""
-        current = self.l1.peek(key, now)
+    # ------------------------------------------------------------------ write
+
+    async def put(self, key: str, entry: StoredResponse, now: float, base: Resource | None = None) -> bool:
+        """Store one variant next to the URL's other variants (``base``: what the request saw)."""
+        current = base or self.l1.peek(key, now)
         resource = current.with_variant(entry) if current else Resource((entry,))
-        stored = self.l1.set(key, resource, resource.cost(), resource.retain_until(), now)
+        retain = resource.retain_until()
+        if self.l2 is not None:
+            try:
+                await self.l2.set(key, codec.encode(resource.variants), math.ceil((retain - now) * 1000))
+            except L2Error as e:
+                self.metrics.valkey_set_fallback.inc()
+                log.debug(f"mitmcache: L2 set fell back to L1: {e}")
+            else:
+                self.metrics.stores.labels("l2").inc()
+                if self.l1_ttl <= 0:
+                    self.l1.delete(key)  # L1 only as fallback: never shadow L2
+                    self._update_gauges()
+                    return True
+                self._l1_set(key, resource, min(now + self.l1_ttl, retain), now)
+                return True
+        return self._l1_set(key, resource, retain, now)
+
+    def _l1_set(self, key: str, resource: Resource, expires_at: float, now: float) -> bool:
+        stored = self.l1.set(key, resource, resource.cost(), expires_at, now)
         if stored:
             self.metrics.stores.labels("l1").inc()
         self._update_gauges()
         return stored
 
-    async def replace(self, key: str, old: StoredResponse, new: StoredResponse, now: float) -> bool:
-        """Swap one variant for its revalidated version (304 merge)."""
-        return await self.put(key, new, now)
+    # ------------------------------------------------------------------ invalidate
 
     async def delete(self, keys: list[str]) -> int:
         removed = sum(1 for key in keys if self.l1.delete(key))
         self._update_gauges()
+        if self.l2 is not None:
+            try:
+                await self.l2.delete(keys)
+            except L2Error as e:
+                log.warning(f"mitmcache: L2 delete failed, will retry when the node returns: {e}")
         return removed
 
-    async def clear(self) -> int:
+    def clear_l1(self) -> int:
         n = self.l1.clear()
         self._update_gauges()
         return n
+
+    async def clear(self) -> int:
+        n = self.clear_l1()
+        if self.l2 is not None:
+            n += await self.l2.clear()
+        return n
+
+    async def forget_node(self, node_name: str) -> None:
+        """Drop L1 copies of keys owned by a node that just came back (in slices: no stall)."""
+        if self.l2 is None:
+            return
+        dropped = 0
+        for i, key in enumerate(self.l1.keys()):
+            if self.l2.node_for(key).name == node_name and self.l1.delete(key):
+                dropped += 1
+            if i % 1000 == 999:
+                await asyncio.sleep(0)
+        self._update_gauges()
+        log.info(f"mitmcache: dropped {dropped} L1 entries owned by {node_name} after it returned")
 
     def purge_expired(self, now: float) -> int:
         n = self.l1.purge_expired(now)

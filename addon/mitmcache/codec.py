@@ -1,0 +1,139 @@
+"""The Valkey value format: versioned, self-describing, raw bodies, nothing executable.
+
+    b"MCR" version:u8 count:u16 { meta_len:u32 meta:JSON body_len:u32 body:bytes }*count
+
+JSON metadata is parsed with ``json.loads`` and every field is type-checked; bodies are raw
+bytes (no base64, reference W22). Nothing is unpickled or evaluated. Anything that does not
+match exactly raises DecodeError, which the store counts as a miss.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from typing import Any
+
+from .semantics import StoredResponse
+
+MAGIC = b"MCR"
+VERSION = 1
+_HEAD = struct.Struct(">3sBH")
+_LEN = struct.Struct(">I")
+
+# field → accepted types (bool is checked before int, since bool is an int subclass)
+_SCALARS: dict[str, tuple[type, ...]] = {
+    "status": (int,),
+    "reason": (str,),
+    "request_time": (int, float),
+    "response_time": (int, float),
+    "initial_age": (int, float),
+    "freshness": (int, float),
+    "stale_while_revalidate": (int, float),
+    "stale_if_error": (int, float),
+    "never_serve_stale": (bool,),
+    "requires_revalidation": (bool,),
+    "heuristic": (bool,),
+}
+
+
+class DecodeError(ValueError):
+    pass
+
+
+def _meta(entry: StoredResponse) -> bytes:
+    meta: dict[str, Any] = {name: getattr(entry, name) for name in _SCALARS}
+    meta["headers"] = [list(h) for h in entry.headers]
+    meta["vary"] = [list(v) for v in entry.vary]
+    meta["etag"] = entry.etag
+    meta["last_modified"] = entry.last_modified
+    return json.dumps(meta, separators=(",", ":")).encode()
+
+
+def encode(variants: tuple[StoredResponse, ...]) -> bytes:
+    parts = [_HEAD.pack(MAGIC, VERSION, len(variants))]
+    for entry in variants:
+        meta = _meta(entry)
+        parts += [_LEN.pack(len(meta)), meta, _LEN.pack(len(entry.body)), entry.body]
+    return b"".join(parts)
+
+
+def _pairs(value: Any, second_optional: bool) -> tuple[tuple[str, Any], ...]:
+    if not isinstance(value, list):
+        raise DecodeError("expected a list of pairs")
+    out = []
+    for item in value:
+        if (
+            not isinstance(item, list)
+            or len(item) != 2
+            or not isinstance(item[0], str)
+            or not (isinstance(item[1], str) or (second_optional and item[1] is None))
+        ):
+            raise DecodeError("malformed pair")
+        out.append((item[0], item[1]))
+    return tuple(out)
+
+
+def _entry(meta_bytes: bytes, body: bytes) -> StoredResponse:
+    try:
+        meta = json.loads(meta_bytes)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise DecodeError(f"metadata is not JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise DecodeError("metadata is not an object")
+    fields: dict[str, Any] = {}
+    for name, types in _SCALARS.items():
+        value = meta.get(name)
+        if types == (bool,):
+            ok = isinstance(value, bool)
+        else:
+            ok = isinstance(value, types) and not isinstance(value, bool)
+            ok = ok and (not isinstance(value, float) or math.isfinite(value))
+        if not ok:
+            raise DecodeError(f"field {name!r} missing or of the wrong type")
+        fields[name] = value
+    if not 100 <= fields["status"] <= 999:
+        raise DecodeError("status out of range")
+    for name in ("etag", "last_modified"):
+        value = meta.get(name)
+        if value is not None and not isinstance(value, str):
+            raise DecodeError(f"field {name!r} of the wrong type")
+        fields[name] = value
+    fields["headers"] = _pairs(meta.get("headers"), second_optional=False)
+    fields["vary"] = _pairs(meta.get("vary"), second_optional=True)
+    return StoredResponse(body=body, **fields)
+
+
+def decode(data: bytes) -> tuple[StoredResponse, ...]:
+    view = memoryview(data)
+    if len(view) < _HEAD.size:
+        raise DecodeError("value too short")
+    magic, version, count = _HEAD.unpack_from(view, 0)
+    if magic != MAGIC:
+        raise DecodeError("not a mitmcache value")
+    if version != VERSION:
+        raise DecodeError(f"unsupported format version {version}")
+    if count == 0:
+        raise DecodeError("no variants")
+    offset = _HEAD.size
+    variants = []
+
+    def take() -> bytes:
+        nonlocal offset
+        if offset + _LEN.size > len(view):
+            raise DecodeError("truncated value")
+        (length,) = _LEN.unpack_from(view, offset)
+        offset += _LEN.size
+        if offset + length > len(view):
+            raise DecodeError("truncated value")
+        chunk = bytes(view[offset : offset + length])
+        offset += length
+        return chunk
+
+    for _ in range(count):
+        meta = take()
+        body = take()
+        variants.append(_entry(meta, body))
+    if offset != len(view):
+        raise DecodeError("trailing bytes after the last variant")
+    return tuple(variants)

