@@ -13,22 +13,30 @@ import asyncio
 import json
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 
 from mitmproxy import command, ctx, exceptions, http
 from mitmproxy.net.http import status_codes
 
 from . import semantics as sem
+from .coalesce import Coalescer, Flight, Outcome
 from .metrics import Metrics
+from .origin_client import OriginClient, tls_verification
+from .revalidate import Job, Revalidator
 from .ring import ValkeyURLError, parse_valkey_urls
 from .semantics import CacheStatus, StoredResponse, Use
-from .store import Resource, TieredStore
+from .store import Lease, Lookup, Resource, TieredStore
 from .valkey_tier import ValkeyTier
 
 log = logging.getLogger("mitmcache")
 
 METADATA_KEY = "mitmcache"
 PURGE_INTERVAL = 10.0
+# What the stale-if-error path reads of an origin answer it hands to the client unstored.
+FOREGROUND_MAX_BODY = 1 << 30
+# mitmproxy's own TLS options that the cache's origin client follows.
+TLS_OPTIONS = {"ssl_insecure", "ssl_verify_upstream_trusted_ca", "ssl_verify_upstream_trusted_confdir"}
 
 
 @dataclass(slots=True)
@@ -41,7 +49,10 @@ class FlowState:
     resource: Resource | None = None  # what the lookup found (other variants to keep)
     store_allowed: bool = True
     revalidating: StoredResponse | None = None
+    added_validators: bool = False  # we replaced the client's validators with the entry's
     client_conditionals: list[tuple[str, str]] = field(default_factory=list)
+    flight: Flight | None = None  # set while this flow leads the fetch of its key
+    lease_token: str | None = None  # set while this flow holds the key's fill lease
     status: CacheStatus = field(default_factory=CacheStatus)
 
 
@@ -71,6 +82,12 @@ class MitmCache:
         self.store = TieredStore(self.metrics, 268435456)
         self._purge_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[object]] = set()
+        self.coalescer = Coalescer()
+        self.revalidator = Revalidator(self.store, self.metrics, self._revalidation_settings)
+
+    def _revalidation_settings(self) -> tuple[int, int, float]:
+        opts = ctx.options
+        return opts.cache_max_object_bytes, opts.cache_lease_ms, float(opts.cache_heuristic_max)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -106,6 +123,25 @@ class MitmCache:
             "cache_valkey_timeout_ms", int, 250,
             "Timeout of one Valkey operation in milliseconds; a slower node counts as failing.",
         )
+        loader.add_option(
+            "cache_revalidate_workers", int, 4, "Background revalidation workers (stale-while-revalidate)."
+        )
+        loader.add_option(
+            "cache_revalidate_queue", int, 256,
+            "Background revalidations that may wait; more are dropped and counted (reval_dropped).",
+        )
+        loader.add_option(
+            "cache_coalesce_wait_ms", int, 15000,
+            "How long a request waits for another request's fetch of the same key before going alone.",
+        )
+        loader.add_option(
+            "cache_lease_ms", int, 5000,
+            "Lifetime of a key's fill lease in Valkey: how long other proxies wait for one fetch.",
+        )
+        loader.add_option(
+            "cache_origin_timeout_ms", int, 10000,
+            "Timeout of the cache's own requests to the origin (revalidation, stale-if-error).",
+        )
 
     def configure(self, updated: set[str]) -> None:
         opts = ctx.options
@@ -127,6 +163,12 @@ class MitmCache:
             raise exceptions.OptionsError("cache_key_prefix must not be empty")
         if updated & {"cache_valkey_urls", "cache_key_prefix", "cache_valkey_timeout_ms"}:
             self._configure_l2()
+        for name in ("cache_revalidate_workers", "cache_revalidate_queue", "cache_coalesce_wait_ms",
+                     "cache_lease_ms", "cache_origin_timeout_ms"):
+            if name in updated and getattr(opts, name) < 1:
+                raise exceptions.OptionsError(f"{name} must be >= 1")
+        if updated & ({"cache_revalidate_workers", "cache_revalidate_queue", "cache_origin_timeout_ms"} | TLS_OPTIONS):
+            self._configure_revalidation()
         if "cache_metrics_port" in updated:
             port = opts.cache_metrics_port
             if not 0 <= port <= 65535:
@@ -161,6 +203,21 @@ class MitmCache:
             self.metrics.ring_members.labels("up").set(0)
             self.metrics.ring_members.labels("down").set(0)
 
+    def _configure_revalidation(self) -> None:
+        opts = ctx.options
+        old = self.revalidator.client
+        client = OriginClient(
+            tls_verification(
+                getattr(opts, "ssl_insecure", False),
+                getattr(opts, "ssl_verify_upstream_trusted_ca", None),
+                getattr(opts, "ssl_verify_upstream_trusted_confdir", None),
+            ),
+            opts.cache_origin_timeout_ms / 1000,
+        )
+        self.revalidator.configure(opts.cache_revalidate_workers, opts.cache_revalidate_queue, client)
+        if old is not None:
+            self._spawn(old.aclose())
+
     def _spawn(self, coro) -> None:  # type: ignore[no-untyped-def]
         """Run a coroutine in the background (keeping a reference so it is not collected)."""
         try:
@@ -185,6 +242,10 @@ class MitmCache:
         if self._purge_task is not None:
             self._purge_task.cancel()
             self._purge_task = None
+        self.revalidator.stop()
+        if self.revalidator.client is not None:
+            self._spawn(self.revalidator.client.aclose())
+            self.revalidator.client = None
         if self.store.l2 is not None:
             self._spawn(self.store.l2.close())
             self.store.l2 = None
@@ -220,54 +281,232 @@ class MitmCache:
             return  # already answered by someone else
         req = flow.request
         method = req.method.upper()
-        key = self._key(req)
-        state = FlowState(key=key, method=method)
+        state = FlowState(key=self._key(req), method=method)
         flow.metadata[METADATA_KEY] = state
         if method not in ("GET", "HEAD"):
             state.store_allowed = False
             return
-        now = time.time()
-        req_headers = _headers(req)
-        directives = sem.RequestDirectives.from_headers(req_headers)
         if "range" in req.headers:
             # We do not store or serve ranges: pass through, never store the 206.
             state.status.fwd = "bypass"
             state.status.detail.append("range")
             state.store_allowed = False
             return
+        directives = sem.RequestDirectives.from_headers(_headers(req))
+        try:
+            await self._lookup_and_decide(flow, state, directives)
+        except BaseException:
+            # Cancelled (e.g. the client left) or a bug: never leave waiters or a lease behind.
+            await self._finish(state, Outcome.FAILED)
+            raise
 
-        lookup = await self.store.get(key, now)
-        entry = sem.select_variant(lookup.resource.variants, req_headers) if lookup else None
-        if entry is None:
-            if directives.only_if_cached:
-                return self._only_if_cached_miss(flow, state)
-            state.resource = lookup.resource if lookup else None
-            state.status.fwd = "vary-miss" if lookup else "uri-miss"
+    async def _lookup_and_decide(self, flow: http.HTTPFlow, state: FlowState, directives: sem.RequestDirectives) -> None:
+        now = time.time()
+        lookup = await self.store.get(state.key, now)
+        stale = self._use_cached(flow, state, lookup, directives, now)
+        if flow.response is not None:
             return
-        assert lookup is not None
-        state.resource = lookup.resource
-        state.status.detail.append(lookup.tier)
-
-        decision = sem.decide(entry, directives, now)
-        if decision.use is Use.FRESH:
-            return self._serve(flow, state, entry, now, label="HIT")
-        if decision.use in (Use.STALE_OK, Use.STALE_WHILE_REVALIDATE):
-            # SWR serving arrives with background revalidation; until then only max-stale.
-            return self._serve(flow, state, entry, now, label="STALE")
-        # REVALIDATE: never contact the origin for only-if-cached (§5.2.1.7).
+        # The origin is needed. only-if-cached must never contact it (§5.2.1.7).
         if directives.only_if_cached:
             return self._only_if_cached_miss(flow, state)
-        state.status.fwd = "request" if decision.reason == "request" else "stale"
-        validators = sem.validators_for(entry)
-        if validators and method == "GET":
-            # Send the entry's validators, remember the client's own to answer it ourselves.
-            for name in ("if-none-match", "if-modified-since"):
-                for value in req.headers.get_all(name):
-                    state.client_conditionals.append((name, value))
-                req.headers.pop(name, None)
-            for name, value in validators:
-                req.headers[name] = value
-            state.revalidating = entry
+        if not (directives.no_cache or directives.no_store):
+            if await self._coalesce(flow, state, directives):
+                return
+        if stale is None or state.method != "GET":
+            return
+        if stale.stale_if_error > 0 and not stale.never_serve_stale and self.revalidator.client is not None:
+            # RFC 5861 §4 needs an answer even when the origin is unreachable, which mitmproxy's
+            # forwarding cannot give (mitmproxy-notes §0.5): revalidate with our own client.
+            return await self._refresh_in_foreground(flow, state, stale, directives)
+        self._add_validators(flow, state, stale)
+
+    def _use_cached(
+        self, flow: http.HTTPFlow, state: FlowState, lookup: Lookup | None, directives: sem.RequestDirectives, now: float
+    ) -> StoredResponse | None:
+        """Serve a usable entry (sets flow.response); else return a stale entry to revalidate."""
+        entry = sem.select_variant(lookup.resource.variants, _headers(flow.request)) if lookup else None
+        state.resource = lookup.resource if lookup else None
+        if entry is None:
+            state.status.fwd = "vary-miss" if lookup else "uri-miss"
+            return None
+        assert lookup is not None
+        state.status.detail.append(lookup.tier)
+        decision = sem.decide(entry, directives, now, allow_background_revalidation=True)
+        if decision.use is Use.FRESH:
+            self._serve(flow, state, entry, now, "HIT")
+        elif decision.use is Use.STALE_OK:
+            state.status.detail.append("max-stale")
+            self._serve(flow, state, entry, now, "STALE")
+        elif decision.use is Use.STALE_WHILE_REVALIDATE:
+            # RFC 5861 §3: serve now, revalidate in the background.
+            state.status.fwd = "stale"
+            state.status.detail.append("stale-while-revalidate")
+            self._serve(flow, state, entry, now, "STALE")
+            self._schedule_revalidation(flow, state, entry)
+        else:
+            state.status.fwd = "request" if decision.reason == "request" else "stale"
+            return entry
+        return None
+
+    @staticmethod
+    def _client_headers(flow: http.HTTPFlow, state: FlowState) -> tuple[tuple[str, str], ...]:
+        """The request as the client sent it: with its own validators, not the ones we added."""
+        headers = _headers(flow.request)
+        if not state.added_validators:
+            return tuple(headers)
+        return tuple(
+            (k, v) for k, v in headers if k.lower() not in ("if-none-match", "if-modified-since")
+        ) + tuple(state.client_conditionals)
+
+    def _schedule_revalidation(self, flow: http.HTTPFlow, state: FlowState, entry: StoredResponse) -> None:
+        # A HEAD can trigger it too: the GET entry is what gets refreshed.
+        job = Job(state.key, flow.request.url, self._client_headers(flow, state), entry)
+        outcome = self.revalidator.enqueue(job)
+        state.status.detail.append(f"reval-{outcome}")
+
+    def _add_validators(self, flow: http.HTTPFlow, state: FlowState, stale: StoredResponse) -> None:
+        """Forward a conditional request (§4.3.1); the client's own validators are kept aside
+        and answered by us after the origin's reply."""
+        validators = sem.validators_for(stale)
+        state.revalidating = stale
+        if not validators:
+            return
+        req = flow.request
+        for name in ("if-none-match", "if-modified-since"):
+            for value in req.headers.get_all(name):
+                state.client_conditionals.append((name, value))
+            req.headers.pop(name, None)
+        for name, value in validators:
+            req.headers[name] = value
+        state.added_validators = True
+
+    # ------------------------------------------------------------------ coalescing
+
+    async def _coalesce(self, flow: http.HTTPFlow, state: FlowState, directives: sem.RequestDirectives) -> bool:
+        """Wait for another request's fetch of this key, or lead one. True if answered."""
+        wait = ctx.options.cache_coalesce_wait_ms / 1000
+        for _ in range(3):
+            flight = self.coalescer.current(state.key)
+            if flight is None:
+                if state.method != "GET":
+                    return False  # a HEAD cannot fill the GET entry, so it never leads
+                state.flight = self.coalescer.lead(state.key)
+                return await self._lease(flow, state, directives)
+            self.metrics.coalesced.inc()
+            result = await self.coalescer.wait(flight, wait)
+            if result is None:
+                return False  # waited long enough: go alone
+            outcome, resource = result
+            if outcome is Outcome.FAILED:
+                continue  # the leader failed or left: someone else leads now
+            if resource is None or outcome is Outcome.NOT_SHAREABLE:
+                return False
+            return self._serve_collapsed(flow, state, resource, directives, outcome, "collapsed")
+        return False
+
+    async def _lease(self, flow: http.HTTPFlow, state: FlowState, directives: sem.RequestDirectives) -> bool:
+        """Across proxies: take the key's fill lease, or wait for the proxy that holds it."""
+        if self.store.l2 is None:
+            return False
+        token = uuid.uuid4().hex
+        lease_ms = ctx.options.cache_lease_ms
+        lease = await self.store.acquire_lease(state.key, token, lease_ms)
+        if lease is Lease.ACQUIRED:
+            state.lease_token = token
+            return False
+        if lease is Lease.UNAVAILABLE:
+            return False
+        self.metrics.lease_waits.inc()
+        resource, why = await self.store.wait_for_fill(state.key, lease_ms / 1000)
+        if why == "timeout":
+            self.metrics.lease_timeouts.inc()
+        if resource is not None and self._serve_collapsed(flow, state, resource, directives, Outcome.STORED, "lease-wait"):
+            await self._finish(state, Outcome.STORED, resource)
+            return True
+        return False  # fetch ourselves; our local waiters keep waiting for us
+
+    def _serve_collapsed(
+        self,
+        flow: http.HTTPFlow,
+        state: FlowState,
+        resource: Resource,
+        directives: sem.RequestDirectives,
+        outcome: Outcome,
+        detail: str,
+    ) -> bool:
+        now = time.time()
+        entry = sem.select_variant(resource.variants, _headers(flow.request))
+        if entry is None:
+            return False  # another variant was fetched: ours is still a miss
+        if outcome is Outcome.STALE_IF_ERROR:
+            if not sem.may_serve_stale_if_error(entry, directives, now):
+                return False
+            state.status.fwd = "stale"
+            state.status.detail += [detail, "stale-if-error"]
+            self.metrics.stale_if_error.inc()
+            self._serve(flow, state, entry, now, "STALE", hit=False)
+            return True
+        if sem.decide(entry, directives, now).use is not Use.FRESH:
+            return False  # e.g. no-cache: every use needs its own validation
+        state.status.collapsed = True
+        state.status.detail.append(detail)
+        self._serve(flow, state, entry, now, "MISS", hit=False)
+        return True
+
+    async def _finish(self, state: FlowState, outcome: Outcome, resource: Resource | None = None) -> None:
+        """Wake this flow's waiters and release its lease (idempotent)."""
+        if state.flight is not None:
+            self.coalescer.finish(state.key, state.flight, outcome, resource)
+            state.flight = None
+        if state.lease_token is not None:
+            token, state.lease_token = state.lease_token, None
+            await self.store.release_lease(state.key, token)
+
+    # ------------------------------------------------------------------ stale-if-error path
+
+    async def _refresh_in_foreground(
+        self, flow: http.HTTPFlow, state: FlowState, stale: StoredResponse, directives: sem.RequestDirectives
+    ) -> None:
+        job = Job(state.key, flow.request.url, self._client_headers(flow, state), stale)
+        result = await self.revalidator.refresh(job, max_body=FOREGROUND_MAX_BODY)
+        now = time.time()
+        fetched = result.fetched
+        if fetched is not None:
+            state.status.fwd_status = fetched.status
+        if result.entry is not None:
+            resource = (state.resource or Resource(())).with_variant(result.entry)
+            state.status.stored = True
+            if result.outcome == "304":
+                self._serve(flow, state, result.entry, now, "HIT", hit=False, metric="revalidated")
+            else:
+                self._serve(flow, state, result.entry, now, "MISS", hit=False)
+            await self._finish(state, Outcome.STORED, resource)
+            return
+        if result.outcome == "error" and sem.may_serve_stale_if_error(stale, directives, now):
+            state.status.detail.append("stale-if-error")
+            self.metrics.stale_if_error.inc()
+            self._serve(flow, state, stale, now, "STALE", hit=False)
+            await self._finish(state, Outcome.STALE_IF_ERROR, state.resource)
+            return
+        # Hand the origin's own answer to the client (not stored), or a 502 if there was none.
+        if fetched is not None and fetched.body is not None:
+            resp = http.Response(
+                b"HTTP/1.1", fetched.status, fetched.reason.encode("latin-1", "replace"),
+                http.Headers([(k.encode("latin-1", "replace"), v.encode("latin-1", "replace"))
+                              for k, v in fetched.headers if k.lower() not in sem.HOP_BY_HOP]),
+                None, None, fetched.request_time, fetched.response_time,
+            )
+            resp.raw_content = fetched.body
+            resp.headers["content-length"] = str(len(fetched.body))
+        else:
+            resp = http.Response.make(502, f"mitmcache: origin unreachable: {result.error}".encode(),
+                                      {"Content-Type": "text/plain"})
+        state.served = True
+        self._label(resp, state, "MISS")
+        flow.response = resp
+        flow.comment = f"cache MISS ({state.status.render()})"
+        self.metrics.requests.labels("miss").inc()
+        await self._finish(state, Outcome.NOT_SHAREABLE)
 
     def _only_if_cached_miss(self, flow: http.HTTPFlow, state: FlowState) -> None:
         """RFC 9111 §5.2.1.7: no usable stored response → 504, origin untouched."""
@@ -285,16 +524,14 @@ class MitmCache:
         head = flow.request.method.upper() == "HEAD"
         if not_modified:
             fields = sem.not_modified_headers(entry)
-            status, body = 304, b""
+            status, body, reason = 304, b"", "Not Modified"
         else:
             fields = [(k, v) for k, v in entry.headers if k.lower() != "content-length"]
-            status, body = entry.status, entry.body
+            status, body, reason = entry.status, entry.body, entry.reason or status_codes.RESPONSES.get(entry.status, "")
         resp = http.Response(
             b"HTTP/1.1",
             status,
-            (entry.reason or status_codes.RESPONSES.get(status, "")).encode("latin-1", "replace")
-            if not not_modified
-            else b"Not Modified",
+            reason.encode("latin-1", "replace"),
             http.Headers([(k.encode("latin-1", "replace"), v.encode("latin-1", "replace")) for k, v in fields]),
             None,
             None,
@@ -302,7 +539,7 @@ class MitmCache:
             now,
         )
         # mitmproxy-notes §0.7: HEAD and 304 carry no body and we set the framing ourselves.
-        if not_modified or status in (204,) or 100 <= status < 200:
+        if not_modified or status == 204 or 100 <= status < 200:
             resp.raw_content = b""
             resp.headers.pop("content-length", None)
         elif head:
@@ -314,20 +551,28 @@ class MitmCache:
         resp.headers["age"] = sem.age_header_value(entry.age(now))
         return resp
 
-    def _serve(self, flow: http.HTTPFlow, state: FlowState, entry: StoredResponse, now: float, label: str) -> None:
-        not_modified = sem.client_conditional_matches(_headers(flow.request), entry)
+    def _serve(
+        self,
+        flow: http.HTTPFlow,
+        state: FlowState,
+        entry: StoredResponse,
+        now: float,
+        label: str,
+        hit: bool = True,
+        metric: str | None = None,
+    ) -> None:
+        """Answer the flow from ``entry`` (a 304 if the client's validators match it)."""
+        not_modified = sem.client_conditional_matches(self._client_headers(flow, state), entry)
         resp = self._build(flow, entry, now, not_modified)
         state.served = True
-        state.status.hit = True
+        state.status.hit = hit
         state.status.ttl = int(entry.ttl(now))
-        if label == "STALE":
-            state.status.fwd = None
-            state.status.detail.append("stale")
         self._label(resp, state, label)
         flow.response = resp
-        age = int(entry.age(now))
-        flow.comment = f"cache {label}{' 304' if not_modified else ''} ({'/'.join(state.status.detail)}, age={age}s)"
-        self.metrics.requests.labels(label.lower()).inc()
+        flow.comment = (
+            f"cache {label}{' 304' if not_modified else ''} ({'/'.join(state.status.detail)}, age={int(entry.age(now))}s)"
+        )
+        self.metrics.requests.labels(metric or label.lower()).inc()
 
     @staticmethod
     def _label(resp: http.Response, state: FlowState, label: str) -> None:
@@ -340,7 +585,19 @@ class MitmCache:
         state: FlowState | None = flow.metadata.get(METADATA_KEY)
         if state is None or state.served or flow.response is None:
             return
+        try:
+            await self._handle_response(flow, state)
+        finally:
+            await self._finish(state, Outcome.NOT_SHAREABLE)  # no-op if already finished
+
+    async def error(self, flow: http.HTTPFlow) -> None:
+        state: FlowState | None = flow.metadata.get(METADATA_KEY)
+        if state is not None:
+            await self._finish(state, Outcome.FAILED)
+
+    async def _handle_response(self, flow: http.HTTPFlow, state: FlowState) -> None:
         resp = flow.response
+        assert resp is not None
         now = time.time()
         if state.method not in ("GET", "HEAD"):
             keys = sem.invalidation_keys(state.method, resp.status_code, state.key, flow.request.url, _headers(resp))
@@ -350,28 +607,30 @@ class MitmCache:
                 log.debug(f"mitmcache: {state.method} {resp.status_code} invalidated {keys} ({removed} cached)")
             return
 
-        if state.revalidating is not None:
-            if resp.status_code == 304:
+        if state.revalidating is not None and state.method == "GET":
+            if resp.status_code == 304 and sem.validators_for(state.revalidating):
                 return await self._revalidated(flow, state, now)
-            self.metrics.revalidations.labels(str(resp.status_code // 100) + "xx").inc()
+            self.metrics.revalidations.labels("200" if resp.status_code < 400 else "error").inc()
 
         state.status.fwd = state.status.fwd or "uri-miss"
         state.status.fwd_status = resp.status_code
-        await self._maybe_store(flow, state, now)
+        resource = await self._maybe_store(flow, state, now)
+        await self._finish(state, Outcome.STORED if resource else Outcome.NOT_SHAREABLE, resource)
         self._label(resp, state, "MISS")
         self.metrics.requests.labels("miss").inc()
         flow.comment = f"cache MISS ({state.status.render()})"
 
-    async def _maybe_store(self, flow: http.HTTPFlow, state: FlowState, now: float) -> None:
+    async def _maybe_store(self, flow: http.HTTPFlow, state: FlowState, now: float) -> Resource | None:
         resp = flow.response
         assert resp is not None
         if not state.store_allowed:
-            return
+            return None
         body = resp.raw_content
+        client_headers = list(self._client_headers(flow, state))
         reason = sem.storability(
             state.method,
             resp.status_code,
-            _headers(flow.request),
+            client_headers,
             _headers(resp),
             len(body) if body is not None else None,
             ctx.options.cache_max_object_bytes,
@@ -380,31 +639,29 @@ class MitmCache:
             if state.method == "GET":
                 self.metrics.not_stored.labels(reason.value).inc()
                 state.status.detail.append(reason.value)
-            return
+            return None
         assert body is not None
-        request_time = flow.request.timestamp_start or now
-        response_time = resp.timestamp_end or now
         entry = sem.make_stored_response(
             resp.status_code,
             resp.reason,
-            # The request as the client sent it: our own validators are not part of Vary.
-            [(k, v) for k, v in _headers(flow.request) if k.lower() not in ("if-none-match", "if-modified-since")]
-            + state.client_conditionals,
+            client_headers,
             _headers(resp),
             body,
-            request_time,
-            response_time,
+            flow.request.timestamp_start or now,
+            resp.timestamp_end or now,
             float(ctx.options.cache_heuristic_max),
         )
         if entry.retain_until() <= now:
             state.status.detail.append("no-freshness")
             self.metrics.not_stored.labels("no-freshness").inc()
-            return
-        if await self.store.put(state.key, entry, now, base=state.resource):
+            return None
+        resource = await self.store.put(state.key, entry, now, base=state.resource)
+        if resource is not None:
             state.status.stored = True
             state.status.ttl = int(entry.ttl(now))
         else:
             state.status.detail.append("too-large-for-l1")
+        return resource
 
     async def _revalidated(self, flow: http.HTTPFlow, state: FlowState, now: float) -> None:
         """Origin said 304 to our validators: freshen the entry and serve it (§4.3.3, §4.3.4)."""
@@ -413,6 +670,7 @@ class MitmCache:
         assert entry is not None and resp is not None
         self.metrics.revalidations.labels("304").inc()
         state.status.fwd_status = 304
+        resource = None
         if sem.validator_304_matches(entry, _headers(resp)):
             entry = sem.merge_304(
                 entry,
@@ -421,21 +679,15 @@ class MitmCache:
                 resp.timestamp_end or now,
                 float(ctx.options.cache_heuristic_max),
             )
-            await self.store.put(state.key, entry, now, base=state.resource)
-            state.status.stored = True
+            resource = await self.store.put(state.key, entry, now, base=state.resource)
+            state.status.stored = resource is not None
         else:
             log.warning(f"mitmcache: 304 for {state.key} does not match the stored validators; not merged")
             self.metrics.bad_input.labels("304-mismatch").inc()
-        # Answer the client: its own conditionals (if any) against the freshened entry.
-        client_headers = [(k, v) for k, v in _headers(flow.request) if k.lower() not in ("if-none-match", "if-modified-since")]
-        client_headers += state.client_conditionals
-        not_modified = sem.client_conditional_matches(client_headers, entry)
-        new = self._build(flow, entry, now, not_modified)
-        state.status.ttl = int(entry.ttl(now))
-        self._label(new, state, "HIT")
-        flow.response = new
+        # Answer the client, evaluating its own conditionals (if any) against the entry.
+        self._serve(flow, state, entry, now, "HIT", hit=False, metric="revalidated")
         flow.comment = f"cache HIT revalidated ({state.status.render()})"
-        self.metrics.requests.labels("revalidated").inc()
+        await self._finish(state, Outcome.STORED if resource else Outcome.NOT_SHAREABLE, resource)
 
     # ------------------------------------------------------------------ commands
 

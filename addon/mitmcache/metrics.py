@@ -30,7 +30,10 @@ class Metrics:
             "mitmcache_invalidations", "Cache keys invalidated (unsafe methods, purge).", registry=r
         )
         self.revalidations = Counter(
-            "mitmcache_revalidations", "Conditional requests sent to the origin, by outcome.", ["outcome"], registry=r
+            "mitmcache_revalidations",
+            "Revalidations of stored responses, by outcome (304, 200, error, skipped).",
+            ["outcome"],
+            registry=r,
         )
         self.lru_evictions = Counter(
             "mitmcache_lru_eviction", "L1 entries evicted to stay within cache_l1_max_bytes.", registry=r
@@ -70,6 +73,29 @@ class Metrics:
         self.ring_members = Gauge("mitmcache_ring_members", "Valkey ring nodes by state.", ["state"], registry=r)
         self.ring_state_changes = Counter(
             "mitmcache_ring_state_changes", "Valkey nodes marked down or back up.", registry=r
+        )
+        # Coalescing and revalidation (spec §5)
+        self.coalesced = Counter(
+            "mitmcache_coalesced", "Requests that waited for another request's fetch of the same key.", registry=r
+        )
+        self.lease_waits = Counter(
+            "mitmcache_lease_waits", "Fills this proxy waited for because another proxy held the lease.", registry=r
+        )
+        self.lease_timeouts = Counter(
+            "mitmcache_lease_timeouts", "Lease waits that ended without the entry appearing in time.", registry=r
+        )
+        self.reval_dropped = Counter(
+            "mitmcache_reval_dropped", "Background revalidations dropped because the queue was full.", registry=r
+        )
+        self.reval_duplicates = Counter(
+            "mitmcache_reval_duplicates", "Background revalidations not queued: one was already pending.", registry=r
+        )
+        self.reval_queue_depth = Gauge("mitmcache_reval_queue_depth", "Background revalidations waiting.", registry=r)
+        self.reval_seconds = Histogram(
+            "mitmcache_reval_seconds", "Duration of revalidation requests to the origin.", registry=r
+        )
+        self.stale_if_error = Counter(
+            "mitmcache_stale_if_error", "Stale responses served because the origin failed (RFC 5861 §4).", registry=r
         )
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None

@@ -20,7 +20,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import random
+import time
 from dataclasses import dataclass
+from enum import Enum
 
 from . import codec
 from .l1 import ByteLRU
@@ -58,6 +61,16 @@ class Lookup:
     tier: str  # "l1" or "l2"
 
 
+class Lease(Enum):
+    ACQUIRED = "acquired"  # we fetch, others wait for us
+    HELD = "held"  # another proxy is fetching: wait for its fill
+    UNAVAILABLE = "unavailable"  # no L2 (or it failed): coalesce in this proxy only
+
+
+# How often a proxy waiting on another proxy's fill looks for it (jittered).
+FILL_POLL_INTERVAL = 0.02
+
+
 class TieredStore:
     def __init__(self, metrics: Metrics, l1_max_bytes: int, l1_ttl: float = 60.0) -> None:
         self.metrics = metrics
@@ -91,12 +104,8 @@ class TieredStore:
         if data is None:
             self.metrics.valkey_miss.inc()
             return None
-        try:
-            resource = Resource(codec.decode(data))
-        except codec.DecodeError as e:
-            self.metrics.valkey_decode_errors.inc()
-            self.metrics.bad_input.labels("valkey-value").inc()
-            log.warning(f"mitmcache: undecodable Valkey value for {key} ({e}); treated as a miss")
+        resource = self._decode(key, data)
+        if resource is None:
             return None
         self.metrics.l2_hits.inc()
         if self.l1_ttl > 0:
@@ -105,8 +114,11 @@ class TieredStore:
 
     # ------------------------------------------------------------------ write
 
-    async def put(self, key: str, entry: StoredResponse, now: float, base: Resource | None = None) -> bool:
-        """Store one variant next to the URL's other variants (``base``: what the request saw)."""
+    async def put(self, key: str, entry: StoredResponse, now: float, base: Resource | None = None) -> Resource | None:
+        """Store one variant next to the URL's other variants (``base``: what the request saw).
+
+        Returns the stored resource, or None if no tier kept it.
+        """
         current = base or self.l1.peek(key, now)
         resource = current.with_variant(entry) if current else Resource((entry,))
         retain = resource.retain_until()
@@ -121,10 +133,10 @@ class TieredStore:
                 if self.l1_ttl <= 0:
                     self.l1.delete(key)  # L1 only as fallback: never shadow L2
                     self._update_gauges()
-                    return True
-                self._l1_set(key, resource, min(now + self.l1_ttl, retain), now)
-                return True
-        return self._l1_set(key, resource, retain, now)
+                else:
+                    self._l1_set(key, resource, min(now + self.l1_ttl, retain), now)
+                return resource
+        return resource if self._l1_set(key, resource, retain, now) else None
 
     def _l1_set(self, key: str, resource: Resource, expires_at: float, now: float) -> bool:
         stored = self.l1.set(key, resource, resource.cost(), expires_at, now)
@@ -132,6 +144,61 @@ class TieredStore:
             self.metrics.stores.labels("l1").inc()
         self._update_gauges()
         return stored
+
+    def _decode(self, key: str, data: bytes) -> Resource | None:
+        try:
+            return Resource(codec.decode(data))
+        except codec.DecodeError as e:
+            self.metrics.valkey_decode_errors.inc()
+            self.metrics.bad_input.labels("valkey-value").inc()
+            log.warning(f"mitmcache: undecodable Valkey value for {key} ({e}); treated as a miss")
+            return None
+
+    # ------------------------------------------------------------------ fill leases (spec §5)
+
+    async def acquire_lease(self, key: str, token: str, ttl_ms: int) -> Lease:
+        if self.l2 is None:
+            return Lease.UNAVAILABLE
+        try:
+            return Lease.ACQUIRED if await self.l2.acquire_lease(key, token, ttl_ms) else Lease.HELD
+        except L2Error as e:
+            log.debug(f"mitmcache: lease unavailable, coalescing locally: {e}")
+            return Lease.UNAVAILABLE
+
+    async def release_lease(self, key: str, token: str) -> None:
+        if self.l2 is None:
+            return
+        try:
+            await self.l2.release_lease(key, token)
+        except L2Error as e:
+            log.debug(f"mitmcache: lease release failed (it will expire): {e}")
+
+    async def wait_for_fill(self, key: str, timeout: float) -> tuple[Resource | None, str]:
+        """Wait for another proxy's fill of ``key``: (resource, "filled"), or (None, why not).
+
+        Ends early when the lease disappears without a value (that fetch was not shareable or
+        failed): then the caller fetches itself instead of waiting out the lease.
+        """
+        if self.l2 is None:
+            return None, "unavailable"
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                data, held = await self.l2.poll_fill(key)
+            except L2Error:
+                return None, "unavailable"
+            if data is not None:
+                resource = self._decode(key, data)
+                if resource is not None:
+                    now = time.time()
+                    if self.l1_ttl > 0:
+                        self._l1_set(key, resource, min(now + self.l1_ttl, resource.retain_until()), now)
+                    return resource, "filled"
+            if not held:
+                return None, "released"
+            if time.monotonic() >= deadline:
+                return None, "timeout"
+            await asyncio.sleep(FILL_POLL_INTERVAL * (0.5 + random.random()))
 
     # ------------------------------------------------------------------ invalidate
 

@@ -31,6 +31,14 @@ MAX_PENDING_DELETES = 10_000
 
 T = TypeVar("T")
 
+# Compare-and-delete (works on every Valkey version; DELIFEQ needs 9.0).
+_RELEASE_LUA = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+    return redis.call('del', KEYS[1])
+end
+return 0
+"""
+
 
 class L2Error(Exception):
     """Valkey could not answer (node down, timeout, connection or protocol error)."""
@@ -82,6 +90,10 @@ class ValkeyTier:
         """One Valkey key per URL, holding all its variants: they always share a node."""
         return f"{self.prefix}:r1:{xxhash.xxh3_128_hexdigest(cache_key.encode())}"
 
+    def lock_key(self, cache_key: str) -> str:
+        """The fill lease of a URL: placed by the URL's key, so it lives on the same node."""
+        return f"{self.prefix}:lease:{xxhash.xxh3_128_hexdigest(cache_key.encode())}"
+
     def node_for(self, cache_key: str) -> Node:
         return self.nodes[self.ring.owner(self.valkey_key(cache_key).encode())]
 
@@ -113,6 +125,34 @@ class ValkeyTier:
                 errors.append(e)
         if errors:
             raise errors[0]
+
+    async def acquire_lease(self, cache_key: str, token: str, ttl_ms: int) -> bool:
+        """``SET lease token NX PX ttl``: True if we own the fill of this URL now."""
+        node = self.node_for(cache_key)
+        result = await self._run(
+            node, "lease", lambda: node.client.set(self.lock_key(cache_key), token, nx=True, px=max(1, ttl_ms))
+        )
+        return bool(result)
+
+    async def release_lease(self, cache_key: str, token: str) -> None:
+        """Delete the lease only if we still own it (an expired lease may be someone else's)."""
+        node = self.node_for(cache_key)
+        await self._run(
+            node, "release", lambda: node.client.eval(_RELEASE_LUA, 1, self.lock_key(cache_key), token)
+        )
+
+    async def poll_fill(self, cache_key: str) -> tuple[bytes | None, bool]:
+        """(value, lease still held) in one round trip, for proxies waiting on another's fill."""
+        node = self.node_for(cache_key)
+
+        async def both() -> list[Any]:
+            async with node.client.pipeline(transaction=False) as pipe:
+                pipe.get(self.valkey_key(cache_key))
+                pipe.exists(self.lock_key(cache_key))
+                return await pipe.execute()
+
+        value, held = await self._run(node, "poll", both)
+        return value, bool(held)
 
     async def clear(self) -> int:
         """Remove every key under our prefix on every reachable node (SCAN + UNLINK)."""
