@@ -50,6 +50,7 @@ class Proxy:
     metrics_port: int
     confdir: Path
     clients: list[httpx.Client] = field(default_factory=list)
+    output: str | None = None
 
     @property
     def url(self) -> str:
@@ -71,6 +72,7 @@ class Proxy:
         return out
 
     def stop(self) -> str:
+        """Stop mitmdump and return its output; an addon exception in it fails the test."""
         for c in self.clients:
             c.close()
         if self.proc.poll() is None:
@@ -79,7 +81,10 @@ class Proxy:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-        return self.proc.stdout.read().decode(errors="replace") if self.proc.stdout else ""
+        if self.output is None:
+            self.output = self.proc.stdout.read().decode(errors="replace") if self.proc.stdout else ""
+            assert "Addon error" not in self.output, self.output[-5000:]
+        return self.output
 
 
 def start_proxy(tmp: Path, mode: str, *sets: str) -> Proxy:

@@ -46,6 +46,7 @@ class Seen:
 class Origin:
     server: ThreadingHTTPServer
     counts: Counter[str] = field(default_factory=Counter)
+    failing: dict[str, int] = field(default_factory=dict)  # path (no query) → status to answer
     seen: list[Seen] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -97,7 +98,7 @@ class _Handler(BaseHTTPRequestHandler):
             time.sleep(int(q["delay"]) / 1000)
         now = time.time()
         date = now - int(q.get("date", 0))
-        status = int(q.get("status", 200))
+        status = origin.failing.get(urlsplit(self.path).path, int(q.get("status", 200)))
         headers: list[tuple[str, str]] = [("Date", email.utils.formatdate(date, usegmt=True))]
         if "cc" in q:
             headers.append(("Cache-Control", q["cc"]))
@@ -121,7 +122,7 @@ class _Handler(BaseHTTPRequestHandler):
             headers.append(("Content-Location", q["cloc"]))
 
         not_modified = False
-        if "no304" not in q and status == 200:
+        if "no304" not in q and status == 200 and urlsplit(self.path).path not in origin.failing:
             inm = self.headers.get("If-None-Match")
             ims = self.headers.get("If-Modified-Since")
             if inm is not None and etag is not None:

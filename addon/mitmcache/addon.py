@@ -341,8 +341,8 @@ class MitmCache:
             # RFC 5861 §3: serve now, revalidate in the background.
             state.status.fwd = "stale"
             state.status.detail.append("stale-while-revalidate")
-            self._serve(flow, state, entry, now, "STALE")
             self._schedule_revalidation(flow, state, entry)
+            self._serve(flow, state, entry, now, "STALE")
         else:
             state.status.fwd = "request" if decision.reason == "request" else "stale"
             return entry

@@ -19,6 +19,7 @@ class Outcome(Enum):
     STORED = "stored"  # the response is in the cache: waiters serve it
     NOT_SHAREABLE = "not-shareable"  # waiters must fetch on their own (all at once)
     FAILED = "failed"  # the leader's fetch failed or its client left: elect a new leader
+    STALE_IF_ERROR = "stale-if-error"  # the origin failed; waiters may serve the stale entry too
 
 
 @dataclass(slots=True)

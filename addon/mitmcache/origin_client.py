@@ -17,9 +17,8 @@ import httpx
 
 from . import semantics as sem
 
-# Never forwarded: hop-by-hop fields, framing, and the client's own validators (we set ours).
-_DROP = sem.HOP_BY_HOP | {"content-length", "if-none-match", "if-modified-since", "if-match",
-                          "if-unmodified-since", "if-range", "range", "expect"}
+# Never forwarded: hop-by-hop fields and framing.
+_DROP = sem.HOP_BY_HOP | {"content-length", "expect"}
 
 
 class OriginError(Exception):

@@ -26,6 +26,8 @@ from .store import Lease, TieredStore
 
 log = logging.getLogger("mitmcache")
 
+_CONDITIONAL = frozenset({"if-none-match", "if-modified-since", "if-match", "if-unmodified-since", "if-range", "range"})
+
 
 @dataclass(frozen=True, slots=True)
 class Job:
@@ -141,7 +143,9 @@ class Revalidator:
         """
         assert self.client is not None, "origin client not configured"
         max_object_bytes, _, heuristic_cap = self.settings()
-        headers = list(job.request_headers) + sem.validators_for(job.entry)
+        # The client's own conditionals are answered by us; the origin gets the entry's.
+        headers = [(k, v) for k, v in job.request_headers if k.lower() not in _CONDITIONAL]
+        headers += sem.validators_for(job.entry)
         start = time.perf_counter()
         try:
             fetched = await self.client.fetch("GET", job.url, headers, max_body if max_body is not None else max_object_bytes)

@@ -804,8 +804,8 @@ class CacheStatus:
         if self.ttl is not None:
             parts.append(f"ttl={self.ttl}")
         if self.detail:
-            # detail is an sf-token or sf-string; join ours into one token.
-            parts.append("detail=" + "-".join(self.detail))
+            # detail is one sf-token; several facts are joined with "+" (a tchar).
+            parts.append("detail=" + "+".join(self.detail))
         return "; ".join(parts)
 
 
