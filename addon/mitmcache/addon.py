@@ -401,7 +401,7 @@ class MitmCache:
                 continue  # the leader failed or left: someone else leads now
             if resource is None or outcome is Outcome.NOT_SHAREABLE:
                 return False
-            return self._serve_collapsed(flow, state, resource, directives, outcome, "collapsed")
+            return self._serve_collapsed(flow, state, resource, directives, outcome, None)
         return False
 
     async def _lease(self, flow: http.HTTPFlow, state: FlowState, directives: sem.RequestDirectives) -> bool:
@@ -417,7 +417,7 @@ class MitmCache:
         if lease is Lease.UNAVAILABLE:
             return False
         self.metrics.lease_waits.inc()
-        resource, why = await self.store.wait_for_fill(state.key, lease_ms / 1000)
+        resource, why = await self.store.wait_for_fill(state.key, lease_ms / 1000, known=state.resource)
         if why == "timeout":
             self.metrics.lease_timeouts.inc()
         if resource is not None and self._serve_collapsed(flow, state, resource, directives, Outcome.STORED, "lease-wait"):
@@ -432,7 +432,7 @@ class MitmCache:
         resource: Resource,
         directives: sem.RequestDirectives,
         outcome: Outcome,
-        detail: str,
+        detail: str | None,
     ) -> bool:
         now = time.time()
         entry = sem.select_variant(resource.variants, _headers(flow.request))
@@ -442,14 +442,15 @@ class MitmCache:
             if not sem.may_serve_stale_if_error(entry, directives, now):
                 return False
             state.status.fwd = "stale"
-            state.status.detail += [detail, "stale-if-error"]
+            state.status.detail += [d for d in (detail, "stale-if-error") if d]
             self.metrics.stale_if_error.inc()
             self._serve(flow, state, entry, now, "STALE", hit=False)
             return True
         if sem.decide(entry, directives, now).use is not Use.FRESH:
             return False  # e.g. no-cache: every use needs its own validation
         state.status.collapsed = True
-        state.status.detail.append(detail)
+        if detail:
+            state.status.detail.append(detail)
         self._serve(flow, state, entry, now, "MISS", hit=False)
         return True
 

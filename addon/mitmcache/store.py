@@ -173,12 +173,16 @@ class TieredStore:
         except L2Error as e:
             log.debug(f"mitmcache: lease release failed (it will expire): {e}")
 
-    async def wait_for_fill(self, key: str, timeout: float) -> tuple[Resource | None, str]:
+    async def wait_for_fill(
+        self, key: str, timeout: float, known: Resource | None = None
+    ) -> tuple[Resource | None, str]:
         """Wait for another proxy's fill of ``key``: (resource, "filled"), or (None, why not).
 
-        Ends early when the lease disappears without a value (that fetch was not shareable or
-        failed): then the caller fetches itself instead of waiting out the lease.
+        A value no newer than ``known`` (the stale copy being revalidated) does not count.
+        Ends early when the lease disappears without a new value (that fetch was not shareable
+        or failed): then the caller fetches itself instead of waiting out the lease.
         """
+        newest_known = max((v.response_time for v in known.variants), default=0.0) if known else 0.0
         if self.l2 is None:
             return None, "unavailable"
         deadline = time.monotonic() + timeout
@@ -189,7 +193,7 @@ class TieredStore:
                 return None, "unavailable"
             if data is not None:
                 resource = self._decode(key, data)
-                if resource is not None:
+                if resource is not None and max(v.response_time for v in resource.variants) > newest_known:
                     now = time.time()
                     if self.l1_ttl > 0:
                         self._l1_set(key, resource, min(now + self.l1_ttl, resource.retain_until()), now)
