@@ -549,7 +549,7 @@ class MitmCache:
         else:
             resp.raw_content = body
             resp.headers["content-length"] = str(len(body))
-        resp.headers["age"] = sem.age_header_value(entry.age(now))
+        resp.headers["Age"] = sem.age_header_value(entry.age(now))
         return resp
 
     def _serve(
