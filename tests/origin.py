@@ -16,6 +16,7 @@ visible in the body.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import email.utils
 import ipaddress
@@ -24,6 +25,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -47,6 +49,7 @@ class Origin:
     server: ThreadingHTTPServer
     counts: Counter[str] = field(default_factory=Counter)
     failing: dict[str, int] = field(default_factory=dict)  # path (no query) → status to answer
+    cert_file: Path | None = None  # the self-signed certificate of a TLS origin
     seen: list[Seen] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -67,6 +70,15 @@ class Origin:
     def requests_for(self, path: str) -> list[Seen]:
         with self.lock:
             return [s for s in self.seen if s.path == path]
+
+    @contextlib.contextmanager
+    def failing_with(self, path: str, status: int) -> Iterator[None]:
+        """Answer every request for ``path`` (any query) with ``status`` inside the block."""
+        self.failing[path] = status
+        try:
+            yield
+        finally:
+            del self.failing[path]
 
     def stop(self) -> None:
         self.server.shutdown()
@@ -157,7 +169,7 @@ class _Handler(BaseHTTPRequestHandler):
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _handle
 
 
-def _self_signed_context(directory: Path) -> ssl.SSLContext:
+def _self_signed_context(directory: Path) -> tuple[ssl.SSLContext, Path]:
     """A TLS server context with a throwaway self-signed certificate for 127.0.0.1."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
@@ -182,16 +194,17 @@ def _self_signed_context(directory: Path) -> ssl.SSLContext:
     )
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert_file, key_file)
-    return context
+    return context, cert_file
 
 
 def start_origin(port: int = 0, tls: bool = False) -> Origin:
     server = ThreadingHTTPServer(("127.0.0.1", port), _Handler)
     server.daemon_threads = True
+    cert_file = None
     if tls:
-        context = _self_signed_context(Path(tempfile.mkdtemp(prefix="origin-tls-")))
+        context, cert_file = _self_signed_context(Path(tempfile.mkdtemp(prefix="origin-tls-")))
         server.socket = context.wrap_socket(server.socket, server_side=True)
-    origin = Origin(server)
+    origin = Origin(server, cert_file=cert_file)
     server.origin = origin  # type: ignore[attr-defined]
     threading.Thread(target=server.serve_forever, daemon=True, name="origin").start()
     return origin

@@ -529,27 +529,44 @@ def make_stored_response(
 ) -> StoredResponse:
     """Build the immutable entry for a storable response (call storability() first)."""
     headers = strip_for_storage(response_headers)
-    cc = ResponseDirectives.from_headers(headers)
-    lifetime, heuristic = freshness_lifetime(status, headers, response_time, heuristic_cap)
     names = vary_names(headers) or ()
     return StoredResponse(
         status=status,
         reason=reason,
         headers=headers,
         body=body,
-        request_time=request_time,
-        response_time=response_time,
-        initial_age=corrected_initial_age(response_headers, request_time, response_time),
-        freshness=lifetime,
-        stale_while_revalidate=float(cc.stale_while_revalidate),
-        stale_if_error=float(cc.stale_if_error),
-        never_serve_stale=cc.never_serve_stale,
-        requires_revalidation=cc.no_cache,
-        heuristic=heuristic,
         vary=request_vary_values(names, request_headers),
-        etag=header_get(headers, "etag"),
-        last_modified=header_get(headers, "last-modified"),
+        **_derived(status, headers, response_headers, request_time, response_time, heuristic_cap),
     )
+
+
+def _derived(
+    status: int,
+    headers: tuple[tuple[str, str], ...],
+    received_headers: HeaderList,
+    request_time: float,
+    response_time: float,
+    heuristic_cap: float,
+) -> dict[str, object]:
+    """The fields computed from a response's headers once, at store time and on a 304 merge.
+
+    ``received_headers`` are the fields as received (with Age), ``headers`` what is stored.
+    """
+    cc = ResponseDirectives.from_headers(headers)
+    lifetime, heuristic = freshness_lifetime(status, headers, response_time, heuristic_cap)
+    return {
+        "request_time": request_time,
+        "response_time": response_time,
+        "initial_age": corrected_initial_age(received_headers, request_time, response_time),
+        "freshness": lifetime,
+        "stale_while_revalidate": float(cc.stale_while_revalidate),
+        "stale_if_error": float(cc.stale_if_error),
+        "never_serve_stale": cc.never_serve_stale,
+        "requires_revalidation": cc.no_cache,
+        "heuristic": heuristic,
+        "etag": header_get(headers, "etag"),
+        "last_modified": header_get(headers, "last-modified"),
+    }
 
 
 def variant_matches(entry: StoredResponse, request_headers: HeaderList) -> bool:
@@ -726,22 +743,10 @@ def merge_304(
     incoming = [(k, v) for k, v in strip_for_storage(response_headers) if k.lower() not in NOT_UPDATED_BY_304]
     replaced = {k.lower() for k, _ in incoming}
     headers = tuple((k, v) for k, v in entry.headers if k.lower() not in replaced) + tuple(incoming)
-    cc = ResponseDirectives.from_headers(headers)
-    lifetime, heuristic = freshness_lifetime(entry.status, headers, response_time, heuristic_cap)
     return dataclasses.replace(
         entry,
         headers=headers,
-        request_time=request_time,
-        response_time=response_time,
-        initial_age=corrected_initial_age(response_headers, request_time, response_time),
-        freshness=lifetime,
-        stale_while_revalidate=float(cc.stale_while_revalidate),
-        stale_if_error=float(cc.stale_if_error),
-        never_serve_stale=cc.never_serve_stale,
-        requires_revalidation=cc.no_cache,
-        heuristic=heuristic,
-        etag=header_get(headers, "etag"),
-        last_modified=header_get(headers, "last-modified"),
+        **_derived(entry.status, headers, response_headers, request_time, response_time, heuristic_cap),  # type: ignore[arg-type]
     )
 
 

@@ -63,9 +63,10 @@ def test_age_from_old_date_counts_against_freshness(client: httpx.Client, origin
 @pytest.mark.parametrize(
     "name,query",
     [
-        ("max-age", f"cc={q('max-age=1')}"),
-        ("s-maxage beats max-age", f"cc={q('max-age=600, s-maxage=1')}"),
-        ("expires", "expires=1"),
+        # 2 s lifetimes: Date has whole seconds, so a response may arrive up to 1 s old.
+        ("max-age", f"cc={q('max-age=2')}"),
+        ("s-maxage beats max-age", f"cc={q('max-age=600, s-maxage=2')}"),
+        ("expires", "expires=2"),
     ],
 )
 def test_freshness_lifetime_expires(client: httpx.Client, origin: Origin, name: str, query: str) -> None:
@@ -73,7 +74,7 @@ def test_freshness_lifetime_expires(client: httpx.Client, origin: Origin, name: 
     assert client.get(path).headers["x-cache-status"] == "MISS"
     assert client.get(path).headers["x-cache-status"] == "HIT"
     assert origin.count(path) == 1
-    time.sleep(1.3)
+    time.sleep(2.1)
     r = client.get(path)
     assert r.headers["x-cache-status"] == "MISS"
     assert r.text.endswith("#2")
@@ -167,9 +168,9 @@ def test_client_validator_on_miss_is_forwarded_and_304_not_stored(client: httpx.
 
 
 def test_revalidation_with_304_from_origin(client: httpx.Client, origin: Origin) -> None:
-    path = f"/reval?cc={q('max-age=1')}&etag=v1"
+    path = f"/reval?cc={q('max-age=2')}&etag=v1"
     assert client.get(path).text == "/reval #1"
-    time.sleep(1.2)
+    time.sleep(2.1)
     r = client.get(path)
     assert r.status_code == 200
     assert r.text == "/reval #1"  # body from the cache, origin only said 304

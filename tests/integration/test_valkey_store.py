@@ -154,3 +154,24 @@ async def test_password_protected_node() -> None:
         await store.l2.close(); await wrong.l2.close()  # type: ignore[union-attr]
     finally:
         node.stop()
+
+
+async def test_node_that_comes_up_later_joins() -> None:
+    port = free_port()
+    store, metrics = make_store(f"valkey://127.0.0.1:{port}")
+    now = time.time()
+    for n in range(FAILURE_THRESHOLD):
+        await store.put(f"http://o/early{n}", entry(), now)
+    assert not any(store.l2.members().values())  # type: ignore[union-attr]
+    node = ValkeyNode(port).start()
+    try:
+        for _ in range(100):
+            if all(store.l2.members().values()):  # type: ignore[union-attr]
+                break
+            await asyncio.sleep(0.05)
+        await store.put("http://o/late", entry(), time.time())
+        assert raw_client(node).dbsize() == 1
+        assert value(metrics.ring_state_changes) == 2  # down, then up
+    finally:
+        await store.l2.close()  # type: ignore[union-attr]
+        node.stop()
