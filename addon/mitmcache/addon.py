@@ -254,7 +254,7 @@ class MitmCache:
     async def _purge_loop(self) -> None:
         while True:
             await asyncio.sleep(PURGE_INTERVAL)
-            self.store.purge_expired(time.time())
+            await self.store.purge_expired(time.time())
 
     # ------------------------------------------------------------------ keys
 
@@ -303,6 +303,13 @@ class MitmCache:
     async def _lookup_and_decide(self, flow: http.HTTPFlow, state: FlowState, directives: sem.RequestDirectives) -> None:
         now = time.time()
         lookup = await self.store.get(state.key, now)
+        if lookup is not None and lookup.tier == "l1" and self.store.l2 is not None:
+            # A stale near-cache copy: L2 may hold a newer one (another proxy refreshed it).
+            entry = sem.select_variant(lookup.resource.variants, _headers(flow.request))
+            if entry is not None and not entry.is_fresh(now):
+                newer = await self.store.get(state.key, now, skip_l1=True)
+                if newer is not None:
+                    lookup = newer
         stale = self._use_cached(flow, state, lookup, directives, now)
         if flow.response is not None:
             return

@@ -100,11 +100,23 @@ class ByteLRU(Generic[V]):
         self._bytes = 0
         return n
 
-    def purge_expired(self, now: float) -> int:
-        expired = [k for k, s in self._slots.items() if s.expires_at <= now]
+    def purge_expired(self, now: float, keys: list[str] | None = None) -> int:
+        """Remove expired values (among ``keys`` if given, so callers can work in slices)."""
+        candidates = self._slots.keys() if keys is None else keys
+        expired = [k for k in candidates if (s := self._slots.get(k)) is not None and s.expires_at <= now]
         for key in expired:
             self._remove(key)
         return len(expired)
+
+    def resize(self, max_bytes: int) -> None:
+        """Change the budget; a smaller one evicts least recently used values at once."""
+        self.max_bytes = max_bytes
+        evicted = 0
+        while self._bytes > self.max_bytes and self._slots:
+            self._remove(next(iter(self._slots)))
+            evicted += 1
+        if evicted:
+            self._on_evict(evicted)
 
     def keys(self) -> list[str]:
         return list(self._slots)

@@ -116,7 +116,7 @@ class Revalidator:
     async def background(self, job: Job) -> Result:
         # Someone may have refreshed it since it was queued (another request, another proxy).
         now = time.time()
-        lookup = await self.store.get(job.key, now)
+        lookup = (await self.store.get(job.key, now, skip_l1=True)) or (await self.store.get(job.key, now))
         current = sem.select_variant(lookup.resource.variants, job.request_headers) if lookup else None
         if current is not None and current.is_fresh(now):
             self.metrics.revalidations.labels("skipped").inc()

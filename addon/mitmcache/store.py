@@ -83,16 +83,19 @@ class TieredStore:
         )
 
     def resize(self, l1_max_bytes: int) -> None:
-        self.l1.max_bytes = l1_max_bytes
+        self.l1.resize(l1_max_bytes)
         self._update_gauges()
 
     # ------------------------------------------------------------------ read
 
-    async def get(self, key: str, now: float) -> Lookup | None:
-        resource = self.l1.get(key, now)
-        if resource is not None:
-            self.metrics.l1_hits.inc()
-            return Lookup(resource, "l1")
+    async def get(self, key: str, now: float, skip_l1: bool = False) -> Lookup | None:
+        """L1, then L2. ``skip_l1`` asks L2 directly: an L1 copy may be older than L2's
+        (another proxy revalidated it), which matters before revalidating ourselves."""
+        if not skip_l1:
+            resource = self.l1.get(key, now)
+            if resource is not None:
+                self.metrics.l1_hits.inc()
+                return Lookup(resource, "l1")
         if self.l2 is None:
             return None
         try:
@@ -240,8 +243,13 @@ class TieredStore:
         self._update_gauges()
         log.info(f"mitmcache: dropped {dropped} L1 entries owned by {node_name} after it returned")
 
-    def purge_expired(self, now: float) -> int:
-        n = self.l1.purge_expired(now)
+    async def purge_expired(self, now: float) -> int:
+        """Drop expired L1 entries, in slices so a large L1 never stalls the event loop."""
+        n = 0
+        keys = self.l1.keys()
+        for start in range(0, len(keys), 1000):
+            n += self.l1.purge_expired(now, keys[start : start + 1000])
+            await asyncio.sleep(0)
         self._update_gauges()
         return n
 

@@ -194,6 +194,21 @@ def test_hot_stale_key_over_two_proxies_one_revalidation(pair: tuple[Proxy, Prox
     assert origin.count(path) == 2
 
 
+def test_stale_near_cache_copy_defers_to_a_fresher_l2_entry(pair: tuple[Proxy, Proxy], origin: Origin) -> None:
+    """B's L1 copy went stale, but A already revalidated it into L2: B serves that (W10)."""
+    a, b = pair
+    path = f"/swr-coherent?cc={q('max-age=2, stale-while-revalidate=60')}&etag=c"
+    a.client().get(path)
+    assert b.client().get(path).headers["x-cache-status"] == "HIT"  # B's L1 holds a copy now
+    time.sleep(2.1)
+    assert a.client().get(path).headers["x-cache-status"] == "STALE"
+    wait_until(lambda: a.metrics().get('mitmcache_revalidations_total{outcome="304"}', 0) >= 1)
+    r = b.client().get(path)
+    assert r.headers["x-cache-status"] == "HIT"
+    assert "detail=l2" in r.headers["cache-status"]
+    assert origin.count(path) == 2
+
+
 def test_full_queue_counts_drops_and_still_serves(tmp_path: Path, origin: Origin) -> None:
     proxy = start_proxy(tmp_path, f"reverse:{origin.url}", "cache_revalidate_workers=1", "cache_revalidate_queue=1")
     try:

@@ -78,3 +78,13 @@ def test_already_expired_value_not_stored() -> None:
     c, _ = lru(10_000)
     assert not c.set("a", b"x", 1, expires_at=5, now=10)
     assert len(c) == 0
+
+
+def test_shrinking_the_budget_evicts_at_once() -> None:
+    per = 100 + 1 + SLOT_OVERHEAD
+    c, counts = lru(per * 3)
+    for k in "abc":
+        c.set(k, k.encode(), 100, 100, 0)
+    c.resize(per)
+    assert c.keys() == ["c"] and c.bytes == per
+    assert counts["evicted"] == 2
