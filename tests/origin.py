@@ -10,6 +10,7 @@ can tell exactly what reached the origin. Parameters:
   cookie=1     add Set-Cookie               location=…    Location header
   cloc=…       Content-Location header      size=N        body of N bytes
   delay=MS     wait before answering        no304=1       ignore conditionals
+  hdr=N: v|…   raw extra header fields (replacing Date if one is given)
 The body is "<path> #<count> <vary values>" unless size= is given, so a fresh origin fetch is
 visible in the body.
 """
@@ -132,6 +133,9 @@ class _Handler(BaseHTTPRequestHandler):
             headers.append(("Location", q["location"]))
         if "cloc" in q:
             headers.append(("Content-Location", q["cloc"]))
+        if "hdr" in q:  # raw extra fields: "Name: value|Name: value"
+            headers = [h for h in headers if h[0] != "Date"] if "Date:" in q["hdr"] else headers
+            headers += [tuple(x.strip() for x in f.split(":", 1)) for f in q["hdr"].split("|")]  # type: ignore[misc]
 
         not_modified = False
         if "no304" not in q and status == 200 and urlsplit(self.path).path not in origin.failing:

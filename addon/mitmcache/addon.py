@@ -33,6 +33,7 @@ log = logging.getLogger("mitmcache")
 
 METADATA_KEY = "mitmcache"
 PURGE_INTERVAL = 10.0
+BAD_INPUT_LOG_INTERVAL = 60.0
 # What the stale-if-error path reads of an origin answer it hands to the client unstored.
 FOREGROUND_MAX_BODY = 1 << 30
 # mitmproxy's own TLS options that the cache's origin client follows.
@@ -82,6 +83,7 @@ class MitmCache:
         self.store = TieredStore(self.metrics, 268435456)
         self._purge_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[object]] = set()
+        self._bad_input_logged: dict[str, float] = {}
         self.coalescer = Coalescer()
         self.revalidator = Revalidator(self.store, self.metrics, self._revalidation_settings)
 
@@ -628,9 +630,19 @@ class MitmCache:
         self.metrics.requests.labels("miss").inc()
         flow.comment = f"cache MISS ({state.status.render()})"
 
+    def _bad_input(self, kind: str, message: str) -> None:
+        """Count malformed input; log it, at most once a minute per kind (no log floods)."""
+        self.metrics.bad_input.labels(kind).inc()
+        now = time.monotonic()
+        if now - self._bad_input_logged.get(kind, -BAD_INPUT_LOG_INTERVAL) >= BAD_INPUT_LOG_INTERVAL:
+            self._bad_input_logged[kind] = now
+            log.info(f"mitmcache: malformed {kind}: {message} (counted in mitmcache_bad_input_total)")
+
     async def _maybe_store(self, flow: http.HTTPFlow, state: FlowState, now: float) -> Resource | None:
         resp = flow.response
         assert resp is not None
+        for kind in sem.malformed_fields(_headers(resp)):
+            self._bad_input(kind, f"{resp.headers.get(kind, '')!r} from {flow.request.url}")
         if not state.store_allowed:
             return None
         body = resp.raw_content

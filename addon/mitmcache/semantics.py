@@ -455,6 +455,32 @@ def corrected_initial_age(headers: HeaderList, request_time: float, response_tim
     return max(apparent_age, corrected_age_value)
 
 
+def malformed_fields(headers: HeaderList) -> list[str]:
+    """Names of caching-relevant fields whose values do not parse (for counters and logs).
+
+    Each is still handled by the RFC's rule for invalid values (e.g. an invalid max-age or
+    Expires means stale, §4.2.1/§5.3); this only tells the operator. ``Expires: 0`` and
+    ``Expires: -1`` are a common idiom for "already expired" and are not reported.
+    """
+    bad: list[str] = []
+    cc = parse_cache_control(header_values(headers, "cache-control"))
+    for name in ("max-age", "s-maxage", "stale-while-revalidate", "stale-if-error"):
+        if name in cc and parse_delta_seconds(cc[name]) is None:
+            bad.append("cache-control")
+            break
+    for name in ("date", "last-modified"):
+        value = header_get(headers, name)
+        if value is not None and parse_http_date(value) is None:
+            bad.append(name)
+    expires = header_values(headers, "expires")
+    if expires and parse_http_date(expires[0]) is None and expires[0].strip().lstrip("-") not in ("0", "1"):
+        bad.append("expires")
+    age = header_values(headers, "age")
+    if age and parse_delta_seconds(age[0]) is None:
+        bad.append("age")
+    return bad
+
+
 # --------------------------------------------------------------------------- stored entries
 
 

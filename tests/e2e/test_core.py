@@ -369,3 +369,27 @@ def test_invalid_option_rejected_at_startup(tmp_path) -> None:
         start_proxy(tmp_path, "regular", "cache_metrics_port=70000")
     with pytest.raises(RuntimeError, match="cache_max_object_bytes must be >= 0"):
         start_proxy(tmp_path, "regular", "cache_max_object_bytes=-1")
+
+
+@pytest.mark.parametrize(
+    "name,hdr,kind",
+    [
+        ("cc", "Cache-Control: max-age=soon", "cache-control"),
+        ("date", "Date: yesterday-ish|Cache-Control: max-age=60", "date"),
+        ("lm", "Last-Modified: \x01garbage", "last-modified"),
+        ("age", "Age: -5|Cache-Control: max-age=60", "age"),
+        ("expires", "Expires: next tuesday", "expires"),
+    ],
+)
+def test_malformed_headers_are_counted_and_passed_through(
+    client: httpx.Client, origin: Origin, proxy: Proxy, name: str, hdr: str, kind: str
+) -> None:
+    path = f"/bad-{name}?hdr={q(hdr)}"
+    before = proxy.metrics().get(f'mitmcache_bad_input_total{{kind="{kind}"}}', 0)
+    r = client.get(path)
+    assert r.status_code == 200 and r.text == f"/bad-{name} #1"
+    assert r.headers["x-cache-status"] == "MISS"
+    assert proxy.metrics()[f'mitmcache_bad_input_total{{kind="{kind}"}}'] == before + 1
+    # An invalid max-age or Expires means stale (§4.2.1, §5.3): not served from the cache.
+    if kind in ("cache-control", "expires"):
+        assert client.get(path).headers["x-cache-status"] == "MISS"

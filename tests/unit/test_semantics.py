@@ -363,3 +363,21 @@ def test_http_date_formats_rfc_9110_5_6_7() -> None:
     assert sem.parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT") == expected
     assert sem.parse_http_date("Sunday, 06-Nov-94 08:49:37 GMT") == expected
     assert sem.parse_http_date("Sun Nov  6 08:49:37 1994") == expected
+
+
+MALFORMED = [
+    ("valid", [("Cache-Control", "max-age=5"), ("Date", date()), ("Age", "3")], []),
+    ("bad max-age", [("Cache-Control", "max-age=x")], ["cache-control"]),
+    ("bad stale-if-error", [("Cache-Control", "stale-if-error=1.5")], ["cache-control"]),
+    ("bad Date", [("Date", "nope")], ["date"]),
+    ("bad Last-Modified", [("Last-Modified", "nope")], ["last-modified"]),
+    ("Expires 0 is an idiom", [("Expires", "0")], []),
+    ("bad Expires", [("Expires", "soon")], ["expires"]),
+    ("bad Age", [("Age", "old")], ["age"]),
+]
+
+
+@pytest.mark.parametrize("case", MALFORMED, ids=[c[0] for c in MALFORMED])
+def test_malformed_fields_reported(case: tuple) -> None:
+    _id, headers, expected = case
+    assert sem.malformed_fields(headers) == expected
