@@ -55,7 +55,9 @@ class Node:
             username=address.username,
             password=address.password,
             ssl=address.tls,
-            socket_timeout=timeout,
+            # Each call is bounded by asyncio.wait_for (scaled for large values); the socket
+            # timeout is only a backstop.
+            socket_timeout=max(1.0, timeout * 10),
             socket_connect_timeout=timeout,
             retry_on_timeout=False,
             health_check_interval=0,
@@ -107,7 +109,11 @@ class ValkeyTier:
         """Atomic write with a millisecond TTL (``SET … PX``): sub-second TTLs work (W12)."""
         node = self.node_for(cache_key)
         ttl_ms = max(1, ttl_ms)
-        await self._run(node, "set", lambda: node.client.set(self.valkey_key(cache_key), value, px=ttl_ms))
+        # A large value takes longer to send: allow 1 s per 20 MB on top (reference W27).
+        timeout = self.timeout + len(value) / 20e6
+        await self._run(
+            node, "set", lambda: node.client.set(self.valkey_key(cache_key), value, px=ttl_ms), timeout
+        )
 
     async def delete(self, cache_keys: list[str]) -> None:
         """Delete on each owner; for a down owner, remember the key and delete it on return."""
@@ -188,12 +194,14 @@ class ValkeyTier:
     def members(self) -> dict[str, bool]:
         return {name: node.up for name, node in self.nodes.items()}
 
-    async def _run(self, node: Node, op: str, call: Callable[[], Awaitable[T]]) -> T:
+    async def _run(
+        self, node: Node, op: str, call: Callable[[], Awaitable[T]], timeout: float | None = None
+    ) -> T:
         if not node.up:
             raise L2Error(f"{node.name} is down")
         start = time.perf_counter()
         try:
-            result = await asyncio.wait_for(call(), self.timeout)
+            result = await asyncio.wait_for(call(), timeout or self.timeout)
         except (ValkeyError, OSError, asyncio.TimeoutError) as e:
             self._failed(node, op, e)
             raise L2Error(f"{node.name} {op}: {type(e).__name__}: {e}") from e
