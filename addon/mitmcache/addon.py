@@ -14,6 +14,7 @@ import json
 import logging
 import time
 import uuid
+import weakref
 from dataclasses import dataclass, field
 
 from mitmproxy import command, ctx, exceptions, http
@@ -42,7 +43,11 @@ TLS_OPTIONS = {"ssl_insecure", "ssl_verify_upstream_trusted_ca", "ssl_verify_ups
 
 @dataclass(slots=True)
 class FlowState:
-    """What the request hook decided, for the response hook (kept in flow.metadata)."""
+    """What the request hook decided, for the response hook.
+
+    Kept beside the flow (a weak mapping), not in ``flow.metadata``: metadata is written to
+    flow files (``-w``) and this holds live objects. The metadata gets a plain summary.
+    """
 
     key: str
     method: str
@@ -84,6 +89,7 @@ class MitmCache:
         self._purge_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[object]] = set()
         self._bad_input_logged: dict[str, float] = {}
+        self._states: weakref.WeakKeyDictionary[http.HTTPFlow, FlowState] = weakref.WeakKeyDictionary()
         self.coalescer = Coalescer()
         self.revalidator = Revalidator(self.store, self.metrics, self._revalidation_settings)
 
@@ -284,7 +290,7 @@ class MitmCache:
         req = flow.request
         method = req.method.upper()
         state = FlowState(key=self._key(req), method=method)
-        flow.metadata[METADATA_KEY] = state
+        self._states[flow] = state
         if method not in ("GET", "HEAD"):
             state.store_allowed = False
             return
@@ -512,7 +518,7 @@ class MitmCache:
             resp = http.Response.make(502, f"mitmcache: origin unreachable: {result.error}".encode(),
                                       {"Content-Type": "text/plain"})
         state.served = True
-        self._label(resp, state, "MISS")
+        self._label(flow, resp, state, "MISS")
         flow.response = resp
         flow.comment = f"cache MISS ({state.status.render()})"
         self.metrics.requests.labels("miss").inc()
@@ -523,7 +529,7 @@ class MitmCache:
         state.served = True
         state.status.detail.append("only-if-cached")
         resp = http.Response.make(504, b"", {"Content-Type": "text/plain"})
-        self._label(resp, state, "MISS")
+        self._label(flow, resp, state, "MISS")
         flow.response = resp
         flow.comment = "cache MISS (only-if-cached → 504)"
         self.metrics.requests.labels("miss").inc()
@@ -577,7 +583,7 @@ class MitmCache:
         state.served = True
         state.status.hit = hit
         state.status.ttl = int(entry.ttl(now))
-        self._label(resp, state, label)
+        self._label(flow, resp, state, label)
         flow.response = resp
         flow.comment = (
             f"cache {label}{' 304' if not_modified else ''} ({'/'.join(state.status.detail)}, age={int(entry.age(now))}s)"
@@ -585,14 +591,18 @@ class MitmCache:
         self.metrics.requests.labels(metric or label.lower()).inc()
 
     @staticmethod
-    def _label(resp: http.Response, state: FlowState, label: str) -> None:
+    def _label(flow: http.HTTPFlow, resp: http.Response, state: FlowState, label: str) -> None:
+        """The outcome on the response headers, and as plain strings in flow.metadata (shown by
+        mitmproxy's console and kept in flow files)."""
+        rendered = state.status.render()
         resp.headers["X-Cache-Status"] = label
-        resp.headers["Cache-Status"] = state.status.render()
+        resp.headers["Cache-Status"] = rendered
+        flow.metadata[METADATA_KEY] = {"x-cache-status": label, "cache-status": rendered}
 
     # ------------------------------------------------------------------ response
 
     async def response(self, flow: http.HTTPFlow) -> None:
-        state: FlowState | None = flow.metadata.get(METADATA_KEY)
+        state = self._states.pop(flow, None)
         if state is None or state.served or flow.response is None:
             return
         try:
@@ -601,7 +611,7 @@ class MitmCache:
             await self._finish(state, Outcome.NOT_SHAREABLE)  # no-op if already finished
 
     async def error(self, flow: http.HTTPFlow) -> None:
-        state: FlowState | None = flow.metadata.get(METADATA_KEY)
+        state = self._states.pop(flow, None)
         if state is not None:
             await self._finish(state, Outcome.FAILED)
 
@@ -626,7 +636,7 @@ class MitmCache:
         state.status.fwd_status = resp.status_code
         resource = await self._maybe_store(flow, state, now)
         await self._finish(state, Outcome.STORED if resource else Outcome.NOT_SHAREABLE, resource)
-        self._label(resp, state, "MISS")
+        self._label(flow, resp, state, "MISS")
         self.metrics.requests.labels("miss").inc()
         flow.comment = f"cache MISS ({state.status.render()})"
 

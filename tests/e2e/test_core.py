@@ -5,10 +5,12 @@ from __future__ import annotations
 import socket
 import ssl
 import time
+from pathlib import Path
 from urllib.parse import quote
 
 import httpx
 import pytest
+from mitmproxy import io
 
 from tests.conftest import Proxy, start_proxy
 from tests.origin import Origin, start_origin
@@ -393,3 +395,21 @@ def test_malformed_headers_are_counted_and_passed_through(
     # An invalid max-age or Expires means stale (§4.2.1, §5.3): not served from the cache.
     if kind in ("cache-control", "expires"):
         assert client.get(path).headers["x-cache-status"] == "MISS"
+
+
+def test_flows_with_the_cache_can_be_saved_and_read_back(tmp_path: Path, origin: Origin) -> None:
+    """`-w`/save_stream_file must work: CI records traffic through the cache (flow files)."""
+    flows_file = tmp_path / "flows.mitm"
+    proxy = start_proxy(tmp_path, f"reverse:{origin.url}", f"save_stream_file={flows_file}")
+    try:
+        c = proxy.client()
+        path = f"/saved?cc={q('max-age=60')}"
+        c.get(path)
+        c.get(path)
+    finally:
+        proxy.stop()  # fails the test on any addon error (e.g. unserializable metadata)
+    with open(flows_file, "rb") as f:
+        flows = list(io.FlowReader(f).stream())
+    assert [fl.response.headers["x-cache-status"] for fl in flows] == ["MISS", "HIT"]  # type: ignore[union-attr]
+    assert flows[1].metadata["mitmcache"]["x-cache-status"] == "HIT"
+    assert flows[1].response.content == b"/saved #1"  # type: ignore[union-attr]
