@@ -416,6 +416,8 @@ class MitmCache:
                 continue  # the leader failed or left: someone else leads now
             if resource is None or outcome is Outcome.NOT_SHAREABLE:
                 return False
+            if sem.select_variant(resource.variants, _headers(flow.request)) is None:
+                continue  # another Vary variant was fetched: one of us leads the fetch of ours
             return self._serve_collapsed(flow, state, resource, directives, outcome, None)
         return False
 

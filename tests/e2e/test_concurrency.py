@@ -90,6 +90,24 @@ def test_50_concurrent_cold_misses_over_two_proxies_one_origin_request(
     assert any("lease-wait" in r.headers["cache-status"] for r in responses)
 
 
+def test_waiters_for_another_variant_share_one_fetch_of_theirs(proxy: Proxy, origin: Origin) -> None:
+    path = f"/herd-vary?cc={q('max-age=60')}&vary=Accept-Language&delay=300"
+
+    async def scenario() -> list[httpx.Response]:
+        en = [httpx.AsyncClient(timeout=20, headers={"Accept-Language": "en"}) for _ in range(10)]
+        de = [httpx.AsyncClient(timeout=20, headers={"Accept-Language": "de"}) for _ in range(10)]
+        try:
+            return list(await asyncio.gather(*(c.get(proxy.url + path) for c in en + de)))
+        finally:
+            for c in en + de:
+                await c.aclose()
+
+    responses = asyncio.run(scenario())
+    assert {r.text.split(" ", 2)[2] for r in responses[:10]} == {"Accept-Language=en"}
+    assert {r.text.split(" ", 2)[2] for r in responses[10:]} == {"Accept-Language=de"}
+    assert origin.count(path) == 2  # one fetch per variant, not one per "de" waiter
+
+
 def test_not_shareable_response_is_not_given_to_waiters(proxy: Proxy, origin: Origin) -> None:
     path = f"/herd-private?cc={q('private, max-age=60')}&delay=300&cookie=1"
     responses = asyncio.run(burst([proxy.url + path] * 10))
