@@ -79,7 +79,7 @@ def main() -> None:
     path = f"/bench?cc=max-age%3D3600&size={args.size}"
     results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in proxies}
     try:
-        for name, proxy in proxies.items():
+        for proxy in proxies.values():
             proxy.client().get(path)  # fill
             asyncio.run(load(proxy.port, path, 1.0, args.conns))  # warm up
         for r in range(args.rounds):

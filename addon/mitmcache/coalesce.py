@@ -52,7 +52,7 @@ class Coalescer:
         flight.waiters += 1
         try:
             return await asyncio.wait_for(asyncio.shield(flight.future), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return None
         finally:
             flight.waiters -= 1

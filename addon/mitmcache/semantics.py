@@ -15,6 +15,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 HeaderList = Sequence[tuple[str, str]]
@@ -112,7 +113,7 @@ def parse_http_date(value: str | None) -> float | None:
         return None
     if parsed.tzinfo is None:
         # asctime has no zone; HTTP dates are always GMT.
-        parsed = parsed.replace(tzinfo=datetime.timezone.utc)
+        parsed = parsed.replace(tzinfo=datetime.UTC)
     try:
         return parsed.timestamp()
     except (OverflowError, ValueError, OSError):
@@ -573,7 +574,7 @@ def _derived(
     request_time: float,
     response_time: float,
     heuristic_cap: float,
-) -> dict[str, object]:
+) -> dict[str, Any]:
     """The fields computed from a response's headers once, at store time and on a 304 merge.
 
     ``received_headers`` are the fields as received (with Age), ``headers`` what is stored.
@@ -772,7 +773,7 @@ def merge_304(
     return dataclasses.replace(
         entry,
         headers=headers,
-        **_derived(entry.status, headers, response_headers, request_time, response_time, heuristic_cap),  # type: ignore[arg-type]
+        **_derived(entry.status, headers, response_headers, request_time, response_time, heuristic_cap),
     )
 
 

@@ -124,7 +124,7 @@ class ValkeyTier:
         for name, keys in by_node.items():
             node = self.nodes[name]
             try:
-                await self._run(node, "delete", lambda: node.client.delete(*keys))
+                await self._run(node, "delete", lambda n=node, k=keys: n.client.delete(*k))  # type: ignore[misc]
             except L2Error as e:
                 if len(node.pending_deletes) < MAX_PENDING_DELETES:
                     node.pending_deletes.update(keys)
@@ -144,7 +144,7 @@ class ValkeyTier:
         """Delete the lease only if we still own it (an expired lease may be someone else's)."""
         node = self.node_for(cache_key)
         await self._run(
-            node, "release", lambda: node.client.eval(_RELEASE_LUA, 1, self.lock_key(cache_key), token)
+            node, "release", lambda: node.client.eval(_RELEASE_LUA, 1, self.lock_key(cache_key), token)  # type: ignore[arg-type,return-value]
         )
 
     async def poll_fill(self, cache_key: str) -> tuple[bytes | None, bool]:
@@ -175,7 +175,7 @@ class ValkeyTier:
                         batch = []
                 if batch:
                     removed += await node.client.unlink(*batch)
-            except (ValkeyError, OSError, asyncio.TimeoutError) as e:
+            except (TimeoutError, ValkeyError, OSError) as e:
                 log.warning(f"mitmcache: clearing {node.name} failed: {type(e).__name__}: {e}")
         return removed
 
@@ -202,7 +202,7 @@ class ValkeyTier:
         start = time.perf_counter()
         try:
             result = await asyncio.wait_for(call(), timeout or self.timeout)
-        except (ValkeyError, OSError, asyncio.TimeoutError) as e:
+        except (TimeoutError, ValkeyError, OSError) as e:
             self._failed(node, op, e)
             raise L2Error(f"{node.name} {op}: {type(e).__name__}: {e}") from e
         finally:
@@ -232,7 +232,7 @@ class ValkeyTier:
                     keys = list(node.pending_deletes)
                     await asyncio.wait_for(node.client.delete(*keys), self.timeout * 4)
                     node.pending_deletes.clear()
-            except (ValkeyError, OSError, asyncio.TimeoutError):
+            except (TimeoutError, ValkeyError, OSError):
                 continue
             node.failures = 0
             node.up = True

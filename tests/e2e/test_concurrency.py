@@ -189,9 +189,9 @@ def test_swr_serves_stale_at_once_and_revalidates_once_in_background(proxy: Prox
 
 
 def test_hot_stale_key_causes_one_revalidation(proxy: Proxy, origin: Origin) -> None:
-    path = f"/swr-hot?cc={q('max-age=1, stale-while-revalidate=60')}&etag=h&delay=500"
+    path = f"/swr-hot?cc={q('max-age=2, stale-while-revalidate=60')}&etag=h&delay=500"
     proxy.client().get(path)
-    time.sleep(1.2)
+    time.sleep(2.1)
     responses = asyncio.run(burst([proxy.url + path] * 30))
     assert [r.headers["x-cache-status"] for r in responses] == ["STALE"] * 30
     wait_until(lambda: origin.count(path) >= 2)
@@ -201,10 +201,10 @@ def test_hot_stale_key_causes_one_revalidation(proxy: Proxy, origin: Origin) -> 
 
 def test_hot_stale_key_over_two_proxies_one_revalidation(pair: tuple[Proxy, Proxy], origin: Origin) -> None:
     a, b = pair
-    path = f"/swr-hot2?cc={q('max-age=1, stale-while-revalidate=60')}&etag=h&delay=500"
+    path = f"/swr-hot2?cc={q('max-age=2, stale-while-revalidate=60')}&etag=h&delay=500"
     a.client().get(path)
     b.client().get(path)  # both have it (B from L2)
-    time.sleep(1.2)
+    time.sleep(2.1)
     responses = asyncio.run(burst([a.url + path] * 10 + [b.url + path] * 10))
     assert all(r.headers["x-cache-status"] == "STALE" for r in responses)
     wait_until(lambda: origin.count(path) >= 2)

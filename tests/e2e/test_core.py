@@ -256,7 +256,7 @@ def _raw_exchange(sock: socket.socket, request: bytes) -> tuple[bytes, bytes]:
     head, _, rest = buf.partition(b"\r\n\r\n")
     if request.startswith(b"HEAD") or b" 304 " in head.split(b"\r\n")[0]:
         return head, rest
-    length = int(next(l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")))
+    length = int(next(h.split(b":")[1] for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")))
     while len(rest) < length:
         rest += sock.recv(65536)
     return head, rest

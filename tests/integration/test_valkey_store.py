@@ -59,7 +59,8 @@ async def test_store_in_l2_and_read_back_from_another_store(nodes: list[ValkeyNo
     assert again is not None and again.tier == "l1"  # near-cache filled by the L2 hit
     assert await b.get("http://o/missing", now) is None
     assert value(mb.valkey_miss) == 1
-    await a.l2.close(); await b.l2.close()  # type: ignore[union-attr]
+    await a.l2.close()  # type: ignore[union-attr]
+    await b.l2.close()  # type: ignore[union-attr]
 
 
 async def test_keys_spread_over_all_nodes_and_each_url_on_one(nodes: list[ValkeyNode]) -> None:
@@ -151,7 +152,8 @@ async def test_password_protected_node() -> None:
         wrong, wm = make_store(f"valkey://:wrong@127.0.0.1:{node.port}")
         await wrong.put("http://o/p", entry(), time.time())
         assert value(wm.valkey_set_fallback) == 1  # auth failure is a fallback, not a crash
-        await store.l2.close(); await wrong.l2.close()  # type: ignore[union-attr]
+        await store.l2.close()  # type: ignore[union-attr]
+        await wrong.l2.close()  # type: ignore[union-attr]
     finally:
         node.stop()
 
