@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from mitmcache.valkey_nodes import die_with_parent
 from tests.origin import Origin, start_origin
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,7 +111,7 @@ def start_proxy(tmp: Path, mode: str, *sets: str) -> Proxy:
     for name, value in options.items():
         args += ["--set", f"{name}={value}"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=die_with_parent)
     proxy = Proxy(proc, port, metrics_port, confdir)
     try:
         wait_for_port(port, proc)

