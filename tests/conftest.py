@@ -88,7 +88,7 @@ class Proxy:
         return self.output
 
 
-def start_proxy(tmp: Path, mode: str, *sets: str) -> Proxy:
+def start_proxy(tmp: Path, mode: str, *sets: str, script: Path = ENTRY) -> Proxy:
     """Start mitmdump with the addon; ``sets`` are ``name=value`` options (they win)."""
     port, metrics_port = free_port(), free_port()
     confdir = tmp / "mitmproxy-conf"
@@ -104,7 +104,7 @@ def start_proxy(tmp: Path, mode: str, *sets: str) -> Proxy:
     metrics_port = int(options["cache_metrics_port"])
     args = [
         str(MITMDUMP), "-q",
-        "-s", str(ENTRY),
+        "-s", str(script),
         "--mode", mode,
         "--listen-host", "127.0.0.1", "-p", str(port),
     ]

@@ -1,0 +1,17 @@
+"""Benchmark baseline: an addon that answers every request from memory, doing nothing else.
+
+The ceiling for a cache hit in stock mitmdump (mitmproxy-notes §0.8): what mitmproxy itself
+costs per request. scripts/bench_l2_vs_l1.py runs it beside the cache.
+"""
+
+from mitmproxy import http
+
+BODY = b"x" * 1024
+
+
+class MemoryAnswer:
+    async def request(self, flow: http.HTTPFlow) -> None:
+        flow.response = http.Response.make(200, BODY, {"Content-Type": "text/plain", "X-Cache-Status": "HIT"})
+
+
+addons = [MemoryAnswer()]
