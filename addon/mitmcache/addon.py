@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 import uuid
 import weakref
@@ -128,6 +129,10 @@ class MitmCache:
         )
         loader.add_option("cache_key_prefix", str, "mitmcache", "Namespace of every key written to Valkey.")
         loader.add_option(
+            "cache_valkey_tls_ca", str, "",
+            "CA bundle (PEM file) to verify valkeys:// nodes with; empty: the system's CAs.",
+        )
+        loader.add_option(
             "cache_valkey_timeout_ms", int, 250,
             "Timeout of one Valkey operation in milliseconds; a slower node counts as failing.",
         )
@@ -169,7 +174,10 @@ class MitmCache:
             raise exceptions.OptionsError("cache_valkey_timeout_ms must be >= 1")
         if "cache_key_prefix" in updated and not opts.cache_key_prefix.strip():
             raise exceptions.OptionsError("cache_key_prefix must not be empty")
-        if updated & {"cache_valkey_urls", "cache_key_prefix", "cache_valkey_timeout_ms"}:
+        if "cache_valkey_tls_ca" in updated and opts.cache_valkey_tls_ca:
+            if not os.path.isfile(opts.cache_valkey_tls_ca):
+                raise exceptions.OptionsError(f"cache_valkey_tls_ca: no such file: {opts.cache_valkey_tls_ca}")
+        if updated & {"cache_valkey_urls", "cache_key_prefix", "cache_valkey_timeout_ms", "cache_valkey_tls_ca"}:
             self._configure_l2()
         for name in ("cache_revalidate_workers", "cache_revalidate_queue", "cache_coalesce_wait_ms",
                      "cache_lease_ms", "cache_origin_timeout_ms"):
@@ -204,7 +212,12 @@ class MitmCache:
             self._spawn(old.close())
         if nodes:
             self.store.l2 = ValkeyTier(
-                nodes, opts.cache_key_prefix, opts.cache_valkey_timeout_ms, self.metrics, self.store.forget_node
+                nodes,
+                opts.cache_key_prefix,
+                opts.cache_valkey_timeout_ms,
+                self.metrics,
+                self.store.forget_node,
+                tls_ca=opts.cache_valkey_tls_ca or None,
             )
             log.info(f"mitmcache: L2 ring of {len(nodes)} Valkey nodes: {', '.join(n.name for n in nodes)}")
         else:

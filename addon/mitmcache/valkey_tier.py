@@ -45,16 +45,20 @@ class L2Error(Exception):
 
 
 class Node:
-    def __init__(self, address: NodeAddress, timeout: float) -> None:
+    def __init__(self, address: NodeAddress, timeout: float, tls_ca: str | None = None) -> None:
         self.address = address
         self.name = address.name
+        tls: dict[str, Any] = {}
+        if address.tls:
+            # valkeys://: verify the server's certificate and name, against tls_ca if given.
+            tls = {"ssl": True, "ssl_cert_reqs": "required", "ssl_check_hostname": True, "ssl_ca_certs": tls_ca}
         self.client = valkey_async.Valkey(
             host=address.host,
             port=address.port,
             db=address.db,
             username=address.username,
             password=address.password,
-            ssl=address.tls,
+            **tls,
             # Each call is bounded by asyncio.wait_for (scaled for large values); the socket
             # timeout is only a backstop.
             socket_timeout=max(1.0, timeout * 10),
@@ -76,11 +80,12 @@ class ValkeyTier:
         timeout_ms: int,
         metrics: Metrics,
         on_node_up: Callable[[str], Awaitable[None]] | None = None,
+        tls_ca: str | None = None,
     ) -> None:
         self.prefix = prefix
         self.timeout = timeout_ms / 1000
         self.metrics = metrics
-        self.nodes = {a.name: Node(a, self.timeout) for a in addresses}
+        self.nodes = {a.name: Node(a, self.timeout, tls_ca) for a in addresses}
         self.ring = Ring(self.nodes)
         self.on_node_up = on_node_up
         self._closed = False

@@ -15,6 +15,7 @@ from mitmcache.ring import Ring, parse_valkey_urls
 from mitmcache.valkey_nodes import ValkeyNode, free_port, start_nodes
 from tests.conftest import Proxy, start_proxy
 from tests.origin import Origin
+from tests.tls_terminator import TLSTerminator
 
 CC = quote("max-age=300", safe="")
 
@@ -150,3 +151,29 @@ def test_proxy_starts_and_serves_with_every_node_down(tmp_path: Path, origin: Or
         assert origin.count(path) == 1
     finally:
         proxy.stop()
+
+
+def test_valkeys_tls_node_verified_with_the_given_ca(tmp_path: Path, origin: Origin) -> None:
+    node = ValkeyNode(free_port()).start()
+    tls = TLSTerminator(node.port, tmp_path).start()
+    url = f"valkeys://127.0.0.1:{tls.port}"
+    good = start_proxy(tmp_path / "good", f"reverse:{origin.url}", f"cache_valkey_urls={url}",
+                       f"cache_valkey_tls_ca={tls.cert_file}", "cache_l1_ttl=0")
+    untrusted = start_proxy(tmp_path / "bad", f"reverse:{origin.url}", f"cache_valkey_urls={url}", "cache_l1_ttl=0")
+    try:
+        path = f"/tls-node?cc={CC}"
+        c = good.client()
+        c.get(path)
+        r = c.get(path)
+        assert r.headers["x-cache-status"] == "HIT" and "detail=l2" in r.headers["cache-status"]
+        assert valkey.Valkey(port=node.port).dbsize() == 1
+        # Without the CA the self-signed node is not trusted: L2 is skipped, clients never notice.
+        bad = untrusted.client()
+        assert [bad.get(f"/tls-untrusted?cc={CC}").status_code for _ in range(3)] == [200] * 3
+        assert untrusted.metrics()["mitmcache_valkey_set_fallback_total"] >= 1
+        assert valkey.Valkey(port=node.port).dbsize() == 1
+    finally:
+        good.stop()
+        untrusted.stop()
+        tls.stop()
+        node.stop()
