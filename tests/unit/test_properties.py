@@ -1,0 +1,68 @@
+"""Property tests: whatever arrives in headers or from Valkey, the semantics never raise and the
+codec round-trips. (Bad input must never crash the cache or produce a wrong response.)"""
+
+from __future__ import annotations
+
+import math
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mitmcache import codec
+from mitmcache import semantics as sem
+
+NAMES = st.sampled_from([
+    "Cache-Control", "Expires", "Date", "Last-Modified", "Age", "Vary", "ETag", "Pragma",
+    "Authorization", "Set-Cookie", "Connection", "Location", "Content-Location", "If-None-Match",
+    "If-Modified-Since", "Accept-Language", "X-Other",
+])
+# Header-ish text: directives, numbers, dates and junk.
+VALUES = st.one_of(
+    st.text(max_size=40),
+    st.sampled_from([
+        "max-age=60", "s-maxage=0", "no-cache", "no-store, private", 'no-cache="a,b"', "max-age=-1",
+        "max-age=99999999999999999999", "stale-while-revalidate=5", "public, max-age=1.5", "*", "W/\"x\"",
+        "Sun, 06 Nov 1994 08:49:37 GMT", "Sunday, 06-Nov-94 08:49:37 GMT", "0", "-1", ",,,", '"unterminated',
+    ]),
+)
+HEADERS = st.lists(st.tuples(NAMES, VALUES), max_size=8)
+NOW = 1_800_000_000.0
+
+
+@settings(max_examples=400, deadline=None)
+@given(req=HEADERS, resp=HEADERS, status=st.integers(100, 599), body=st.binary(max_size=64),
+       delay=st.floats(0, 100))
+def test_semantics_never_raise_on_any_headers(req, resp, status, body, delay) -> None:  # type: ignore[no-untyped-def]
+    sem.storability("GET", status, req, resp, len(body), 1000)
+    sem.malformed_fields(resp)
+    lifetime, _ = sem.freshness_lifetime(status, resp, NOW)
+    assert lifetime >= 0 and math.isfinite(lifetime)
+    entry = sem.make_stored_response(status, "OK", req, resp, body, NOW - delay, NOW)
+    assert entry.initial_age >= 0
+    directives = sem.RequestDirectives.from_headers(req)
+    sem.decide(entry, directives, NOW + delay, allow_background_revalidation=True)
+    sem.may_serve_stale_if_error(entry, directives, NOW + delay)
+    sem.client_conditional_matches(req, entry)
+    sem.validator_304_matches(entry, resp)
+    sem.merge_304(entry, resp, NOW, NOW + 1)
+    sem.select_variant([entry], req)
+    sem.invalidation_keys("POST", 201, "http://o.example/a", "http://o.example/a", resp)
+    # Nothing hop-by-hop or cache-generated is ever stored (RFC 9111 §3.1).
+    assert not {k.lower() for k, _ in entry.headers} & (sem.HOP_BY_HOP | sem.CACHE_GENERATED)
+
+
+@settings(max_examples=200, deadline=None)
+@given(req=HEADERS, resp=HEADERS, body=st.binary(max_size=256), count=st.integers(1, 3))
+def test_codec_round_trips_any_entry(req, resp, body, count) -> None:  # type: ignore[no-untyped-def]
+    entry = sem.make_stored_response(200, "OK", req, resp, body, NOW, NOW)
+    variants = (entry,) * count
+    assert codec.decode(codec.encode(variants)) == variants
+
+
+@settings(max_examples=400, deadline=None)
+@given(data=st.binary(max_size=300))
+def test_codec_rejects_arbitrary_bytes_cleanly(data: bytes) -> None:
+    try:
+        codec.decode(data)
+    except codec.DecodeError:
+        pass
