@@ -290,7 +290,7 @@ class MitmCache:
         if host_header:
             h, p = _split_host_port(host_header)
             target = sem.normalize_authority(req.scheme, req.host, req.port)
-            named = sem.normalize_authority(req.scheme, h, p if p is not None else sem._default_port(req.scheme))
+            named = sem.normalize_authority(req.scheme, h, p if p is not None else sem.default_port(req.scheme))
             if named != target:
                 key += f" host={named}"
         return key

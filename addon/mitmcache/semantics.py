@@ -284,7 +284,7 @@ def request_vary_values(names: Sequence[str], request_headers: HeaderList) -> tu
 # --------------------------------------------------------------------------- cache key
 
 
-def _default_port(scheme: str) -> int:
+def default_port(scheme: str) -> int:
     return 443 if scheme == "https" else 80
 
 
@@ -293,7 +293,7 @@ def normalize_authority(scheme: str, host: str, port: int | None) -> str:
     host = host.lower().rstrip(".")
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
-    if port is None or port == _default_port(scheme):
+    if port is None or port == default_port(scheme):
         return host
     return f"{host}:{port}"
 
