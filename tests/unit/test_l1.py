@@ -88,3 +88,29 @@ def test_shrinking_the_budget_evicts_at_once() -> None:
     c.resize(per)
     assert c.keys() == ["c"] and c.bytes == per
     assert counts["evicted"] == 2
+
+
+def test_accounted_bytes_track_real_memory() -> None:
+    """cache_l1_max_bytes bounds what entries really cost (tracemalloc), not just bodies."""
+    import os
+    import time
+    import tracemalloc
+
+    from mitmcache import semantics as sem
+    from mitmcache.store import Resource
+
+    headers = [("Date", "Sun, 29 Nov 2026 03:12:06 GMT"), ("Cache-Control", "public, max-age=300"),
+               ("Content-Type", "text/html; charset=utf-8"), ("ETag", '"abcdef123456"'),
+               ("Server", "nginx"), ("X-Request-Id", "0123456789abcdef"), ("Vary", "Accept-Encoding")]
+    for body_size, count in ((0, 2000), (1024, 2000), (100_000, 100)):
+        c: ByteLRU[Resource] = ByteLRU(10**12)
+        now = time.time()
+        tracemalloc.start()
+        before = tracemalloc.take_snapshot()
+        for i in range(count):
+            e = sem.make_stored_response(200, "OK", [("Accept-Encoding", "gzip")], headers, os.urandom(body_size), now, now)
+            r = Resource((e,))
+            c.set(f"https://example.com/some/path/{i}?q=1", r, r.cost(), now + 100, now)
+        real = sum(s.size_diff for s in tracemalloc.take_snapshot().compare_to(before, "filename"))
+        tracemalloc.stop()
+        assert 0.9 < c.bytes / real < 1.6, (body_size, c.bytes, real)
