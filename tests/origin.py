@@ -51,6 +51,7 @@ class Origin:
     counts: Counter[str] = field(default_factory=Counter)
     failing: dict[str, int] = field(default_factory=dict)  # path (no query) → status to answer
     cert_file: Path | None = None  # the self-signed certificate of a TLS origin
+    extra: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # path → fields replacing ours
     seen: list[Seen] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -136,6 +137,9 @@ class _Handler(BaseHTTPRequestHandler):
         if "hdr" in q:  # raw extra fields: "Name: value|Name: value"
             headers = [h for h in headers if h[0] != "Date"] if "Date:" in q["hdr"] else headers
             headers += [tuple(x.strip() for x in f.split(":", 1)) for f in q["hdr"].split("|")]  # type: ignore[misc]
+
+        for name, value in origin.extra.get(urlsplit(self.path).path, []):
+            headers = [h for h in headers if h[0].lower() != name.lower()] + [(name, value)]
 
         not_modified = False
         if "no304" not in q and status == 200 and urlsplit(self.path).path not in origin.failing:

@@ -24,7 +24,7 @@ from mitmproxy.net.http import status_codes
 from . import semantics as sem
 from .coalesce import Coalescer, Flight, Outcome
 from .metrics import Metrics
-from .origin_client import OriginClient, tls_verification
+from .origin_client import Fetched, OriginClient, OriginError, tls_verification
 from .revalidate import Job, Revalidator
 from .ring import ValkeyURLError, parse_valkey_urls
 from .semantics import CacheStatus, StoredResponse, Use
@@ -79,6 +79,23 @@ def _split_host_port(authority: str) -> tuple[str, int | None]:
     except ValueError:
         port = None
     return host, port
+
+
+def _response_from(fetched: Fetched | None, error: str | None) -> http.Response:
+    """A mitmproxy response from the cache's own fetch, or a 502 if the origin gave none."""
+    if fetched is None or fetched.body is None:
+        return http.Response.make(
+            502, f"mitmcache: origin unreachable: {error}".encode(), {"Content-Type": "text/plain"}
+        )
+    resp = http.Response(
+        b"HTTP/1.1", fetched.status, fetched.reason.encode("latin-1", "replace"),
+        http.Headers([(k.encode("latin-1", "replace"), v.encode("latin-1", "replace"))
+                      for k, v in fetched.headers if k.lower() not in sem.HOP_BY_HOP]),
+        None, None, fetched.request_time, fetched.response_time,
+    )
+    resp.raw_content = fetched.body
+    resp.headers["content-length"] = str(len(fetched.body))
+    return resp
 
 
 class MitmCache:
@@ -520,18 +537,7 @@ class MitmCache:
             await self._finish(state, Outcome.STALE_IF_ERROR, state.resource)
             return
         # Hand the origin's own answer to the client (not stored), or a 502 if there was none.
-        if fetched is not None and fetched.body is not None:
-            resp = http.Response(
-                b"HTTP/1.1", fetched.status, fetched.reason.encode("latin-1", "replace"),
-                http.Headers([(k.encode("latin-1", "replace"), v.encode("latin-1", "replace"))
-                              for k, v in fetched.headers if k.lower() not in sem.HOP_BY_HOP]),
-                None, None, fetched.request_time, fetched.response_time,
-            )
-            resp.raw_content = fetched.body
-            resp.headers["content-length"] = str(len(fetched.body))
-        else:
-            resp = http.Response.make(502, f"mitmcache: origin unreachable: {result.error}".encode(),
-                                      {"Content-Type": "text/plain"})
+        resp = _response_from(fetched, result.error)
         state.served = True
         self._label(flow, resp, state, "MISS")
         flow.response = resp
@@ -642,10 +648,19 @@ class MitmCache:
                 log.debug(f"mitmcache: {state.method} {resp.status_code} invalidated {keys} ({removed} cached)")
             return
 
+        if state.method == "HEAD" and resp.status_code == 200 and state.resource is not None:
+            await self._freshen_from_head(flow, state, now)
+
         if state.revalidating is not None and state.method == "GET":
             if resp.status_code == 304 and sem.validators_for(state.revalidating):
-                return await self._revalidated(flow, state, now)
-            self.metrics.revalidations.labels("200" if resp.status_code < 400 else "error").inc()
+                if sem.validator_304_matches(state.revalidating, _headers(resp)):
+                    return await self._revalidated(flow, state, now)
+                # §4.3.4: this 304 selects no stored response; the client asked for none of it.
+                self._bad_input("304-mismatch", f"304 for {state.key} names other validators")
+                resp = flow.response = await self._refetch_unconditionally(flow, state)
+                now = time.time()
+            else:
+                self.metrics.revalidations.labels("200" if resp.status_code < 400 else "error").inc()
 
         state.status.fwd = state.status.fwd or "uri-miss"
         state.status.fwd_status = resp.status_code
@@ -662,6 +677,32 @@ class MitmCache:
         if now - self._bad_input_logged.get(kind, -BAD_INPUT_LOG_INTERVAL) >= BAD_INPUT_LOG_INTERVAL:
             self._bad_input_logged[kind] = now
             log.info(f"mitmcache: malformed {kind}: {message} (counted in mitmcache_bad_input_total)")
+
+    async def _refetch_unconditionally(self, flow: http.HTTPFlow, state: FlowState) -> http.Response:
+        """Ask the origin again without validators, with the cache's own client."""
+        if self.revalidator.client is None:
+            return _response_from(None, "no origin client")
+        headers = [(k, v) for k, v in self._client_headers(flow, state)
+                   if k.lower() not in ("if-none-match", "if-modified-since")]
+        try:
+            fetched = await self.revalidator.client.fetch("GET", flow.request.url, headers, FOREGROUND_MAX_BODY)
+        except OriginError as e:
+            return _response_from(None, str(e))
+        state.client_conditionals = []  # the new response is judged on its own
+        return _response_from(fetched, None)
+
+    async def _freshen_from_head(self, flow: http.HTTPFlow, state: FlowState, now: float) -> None:
+        """A forwarded HEAD's 200 updates (or marks stale) the stored GET response (§4.3.5)."""
+        assert state.resource is not None and flow.response is not None
+        entry = sem.select_variant(state.resource.variants, self._client_headers(flow, state))
+        if entry is None:
+            return
+        updated = sem.freshen_with_head(
+            entry, _headers(flow.response), flow.request.timestamp_start or now,
+            flow.response.timestamp_end or now, float(ctx.options.cache_heuristic_max),
+        )
+        if await self.store.put(state.key, updated, now, base=state.resource) is not None:
+            state.status.detail.append("head-freshened" if updated.freshness else "head-marked-stale")
 
     async def _maybe_store(self, flow: http.HTTPFlow, state: FlowState, now: float) -> Resource | None:
         resp = flow.response
@@ -715,20 +756,15 @@ class MitmCache:
         assert entry is not None and resp is not None
         self.metrics.revalidations.labels("304").inc()
         state.status.fwd_status = 304
-        resource = None
-        if sem.validator_304_matches(entry, _headers(resp)):
-            entry = sem.merge_304(
-                entry,
-                _headers(resp),
-                flow.request.timestamp_start or now,
-                resp.timestamp_end or now,
-                float(ctx.options.cache_heuristic_max),
-            )
-            resource = await self.store.put(state.key, entry, now, base=state.resource)
-            state.status.stored = resource is not None
-        else:
-            log.warning(f"mitmcache: 304 for {state.key} does not match the stored validators; not merged")
-            self.metrics.bad_input.labels("304-mismatch").inc()
+        entry = sem.merge_304(
+            entry,
+            _headers(resp),
+            flow.request.timestamp_start or now,
+            resp.timestamp_end or now,
+            float(ctx.options.cache_heuristic_max),
+        )
+        resource = await self.store.put(state.key, entry, now, base=state.resource)
+        state.status.stored = resource is not None
         # Answer the client, evaluating its own conditionals (if any) against the entry.
         self._serve(flow, state, entry, now, "HIT", hit=False, metric="revalidated")
         flow.comment = f"cache HIT revalidated ({state.status.render()})"

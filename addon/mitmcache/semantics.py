@@ -777,6 +777,31 @@ def merge_304(
     )
 
 
+def freshen_with_head(
+    entry: StoredResponse,
+    head_headers: HeaderList,
+    request_time: float,
+    response_time: float,
+    heuristic_cap: float = DEFAULT_HEURISTIC_CAP,
+) -> StoredResponse:
+    """RFC 9111 §4.3.5: a 200 to HEAD updates the stored GET response like a 304 would, unless
+    its ETag, Last-Modified or Content-Length disagree with it: then the stored response is
+    marked stale (it no longer describes the resource; it may still be revalidated).
+    """
+    etag = header_get(head_headers, "etag")
+    last_modified = header_get(head_headers, "last-modified")
+    length = header_get(head_headers, "content-length")
+    differs = (
+        (etag is not None and (entry.etag is None or etag.strip() != entry.etag.strip()))
+        or (last_modified is not None and entry.last_modified is not None
+            and parse_http_date(last_modified) != parse_http_date(entry.last_modified))
+        or (length is not None and length.strip() != str(len(entry.body)))
+    )
+    if differs:
+        return dataclasses.replace(entry, freshness=0.0, stale_while_revalidate=0.0, stale_if_error=0.0)
+    return merge_304(entry, head_headers, request_time, response_time, heuristic_cap)
+
+
 # --------------------------------------------------------------------------- invalidation (§4.4)
 
 

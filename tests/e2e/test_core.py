@@ -280,6 +280,34 @@ def test_head_after_get_and_keepalive_survives(proxy: Proxy, origin: Origin) -> 
     assert origin.count(path, "HEAD") == 0
 
 
+def test_forwarded_head_freshens_the_stored_get(client: httpx.Client, origin: Origin) -> None:
+    path = f"/head-fresh?cc={q('max-age=2')}&etag=v1"
+    client.get(path)
+    time.sleep(2.1)
+    h = client.head(path)  # stale: forwarded; its 200 updates the stored GET response (§4.3.5)
+    assert h.headers["x-cache-status"] == "MISS" and "head-freshened" in h.headers["cache-status"]
+    r = client.get(path)
+    assert r.headers["x-cache-status"] == "HIT" and r.text == "/head-fresh #1"
+    assert origin.count(path, "GET") == 1
+
+
+def test_forwarded_head_with_other_etag_marks_the_entry_stale(client: httpx.Client, origin: Origin) -> None:
+    path = f"/head-changed?cc={q('max-age=2')}&etag=v1"
+    client.get(path)
+    time.sleep(2.1)
+    origin.extra["/head-changed"] = [("ETag", '"v2"')]
+    try:
+        h = client.head(path)
+        assert "head-marked-stale" in h.headers["cache-status"]
+        # Not served from the outdated entry. (This origin even answers the conditional GET with a
+        # 304 naming the new ETag: such a 304 updates nothing (§4.3.4); the cache asks again.)
+        r = client.get(path)
+        assert r.headers["x-cache-status"] == "MISS" and r.text == "/head-changed #4"
+        assert origin.requests_for(path)[-1].headers.get("if-none-match") is None
+    finally:
+        del origin.extra["/head-changed"]
+
+
 def test_head_miss_is_forwarded_not_stored(client: httpx.Client, origin: Origin) -> None:
     path = f"/headmiss?cc={q('max-age=60')}"
     r = client.head(path)

@@ -381,3 +381,20 @@ MALFORMED = [
 def test_malformed_fields_reported(case: tuple) -> None:
     _id, headers, expected = case
     assert sem.malformed_fields(headers) == expected
+
+
+HEAD_FRESHEN = [
+    ("same validators: freshened", [("ETag", '"a"'), ("Content-Length", "4"), ("Cache-Control", "max-age=60")], True),
+    ("no validators in HEAD: freshened", [("Cache-Control", "max-age=60")], True),
+    ("other ETag: marked stale", [("ETag", '"b"'), ("Cache-Control", "max-age=60")], False),
+    ("other length: marked stale", [("Content-Length", "99"), ("Cache-Control", "max-age=60")], False),
+]
+
+
+@pytest.mark.parametrize("case", HEAD_FRESHEN, ids=[c[0] for c in HEAD_FRESHEN])
+def test_head_response_freshens_or_marks_stale_4_3_5(case: tuple) -> None:
+    _id, head, fresh_after = case
+    old = entry([("Cache-Control", "max-age=1"), ("ETag", '"a"')], response_time=NOW - 100, request_time=NOW - 100)
+    updated = sem.freshen_with_head(old, head, NOW, NOW)
+    assert updated.is_fresh(NOW + 1) is fresh_after
+    assert updated.body == old.body
