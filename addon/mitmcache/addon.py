@@ -58,6 +58,7 @@ class FlowState:
     revalidating: StoredResponse | None = None
     added_validators: bool = False  # we replaced the client's validators with the entry's
     client_conditionals: list[tuple[str, str]] = field(default_factory=list)
+    wants_range: bool = False  # a Range request: served from a usable entry, else passed through
     flight: Flight | None = None  # set while this flow leads the fetch of its key
     lease_token: str | None = None  # set while this flow holds the key's fill lease
     status: CacheStatus = field(default_factory=CacheStatus)
@@ -324,12 +325,7 @@ class MitmCache:
         if method not in ("GET", "HEAD"):
             state.store_allowed = False
             return
-        if "range" in req.headers:
-            # We do not store or serve ranges: pass through, never store the 206.
-            state.status.fwd = "bypass"
-            state.status.detail.append("range")
-            state.store_allowed = False
-            return
+        state.wants_range = "range" in req.headers
         directives = sem.RequestDirectives.from_headers(_headers(req))
         try:
             await self._lookup_and_decide(flow, state, directives)
@@ -354,6 +350,11 @@ class MitmCache:
         # The origin is needed. only-if-cached must never contact it (§5.2.1.7).
         if directives.only_if_cached:
             return self._only_if_cached_miss(flow, state)
+        if state.wants_range:
+            # Forwarded as it is: the origin answers the range; a 206 is never stored (§3.3),
+            # a full 200 may be.
+            state.status.detail.append("range")
+            return
         if not (directives.no_cache or directives.no_store):
             if await self._coalesce(flow, state, directives):
                 return
@@ -557,11 +558,26 @@ class MitmCache:
 
     # ------------------------------------------------------------------ serving
 
-    def _build(self, flow: http.HTTPFlow, entry: StoredResponse, now: float, not_modified: bool) -> http.Response:
+    def _build(
+        self,
+        flow: http.HTTPFlow,
+        entry: StoredResponse,
+        now: float,
+        not_modified: bool,
+        byte_range: tuple[int, int] | str | None = None,
+    ) -> http.Response:
         head = flow.request.method.upper() == "HEAD"
         if not_modified:
             fields = sem.not_modified_headers(entry)
             status, body, reason = 304, b"", "Not Modified"
+        elif byte_range == sem.UNSATISFIABLE:
+            fields = [("Content-Range", f"bytes */{len(entry.body)}")]
+            status, body, reason = 416, b"", "Range Not Satisfiable"
+        elif isinstance(byte_range, tuple):
+            first, last = byte_range
+            fields = [(k, v) for k, v in entry.headers if k.lower() != "content-length"]
+            fields.append(("Content-Range", f"bytes {first}-{last}/{len(entry.body)}"))
+            status, body, reason = 206, entry.body[first : last + 1], "Partial Content"
         else:
             fields = [(k, v) for k, v in entry.headers if k.lower() != "content-length"]
             status, body, reason = entry.status, entry.body, entry.reason or status_codes.RESPONSES.get(entry.status, "")
@@ -599,8 +615,14 @@ class MitmCache:
         metric: str | None = None,
     ) -> None:
         """Answer the flow from ``entry`` (a 304 if the client's validators match it)."""
-        not_modified = sem.client_conditional_matches(self._client_headers(flow, state), entry)
-        resp = self._build(flow, entry, now, not_modified)
+        client_headers = self._client_headers(flow, state)
+        not_modified = sem.client_conditional_matches(client_headers, entry)
+        byte_range = None
+        if state.wants_range and not not_modified and state.method == "GET":
+            byte_range = sem.select_range(client_headers, entry)
+            if byte_range is not None:
+                state.status.detail.append("range")
+        resp = self._build(flow, entry, now, not_modified, byte_range)
         state.served = True
         state.status.hit = hit
         state.status.ttl = int(entry.ttl(now))

@@ -716,6 +716,52 @@ def client_conditional_matches(request_headers: HeaderList, entry: StoredRespons
     return reference <= ims
 
 
+UNSATISFIABLE = "unsatisfiable"
+
+
+def select_range(request_headers: HeaderList, entry: StoredResponse) -> tuple[int, int] | str | None:
+    """RFC 9110 §14.2: the one byte range to serve from a stored 200, as (first, last) inclusive;
+    UNSATISFIABLE for a 416; None to serve the whole response (no or unusable Range, several
+    ranges, or an If-Range that does not match: all allowed answers to a Range request).
+    """
+    values = header_values(request_headers, "range")
+    if not values or entry.status != 200:
+        return None
+    if_range = header_get(request_headers, "if-range")
+    if if_range is not None:
+        validator = if_range.strip()
+        if validator.startswith(("W/", '"')):
+            # §13.1.5: If-Range needs a strong match; a weak tag never matches.
+            etag = (entry.etag or "").strip()
+            if validator.startswith("W/") or etag.startswith("W/") or etag != validator:
+                return None
+        else:
+            date = parse_http_date(validator)
+            if date is None or entry.last_modified is None or parse_http_date(entry.last_modified) != date:
+                return None
+    unit, sep, ranges = ",".join(values).partition("=")
+    if not sep or unit.strip().lower() != "bytes":
+        return None
+    parts = [p.strip() for p in ranges.split(",") if p.strip()]
+    if len(parts) != 1:
+        return None
+    first, dash, last = parts[0].partition("-")
+    first, last = first.strip(), last.strip()
+    length = len(entry.body)
+    if not dash or not (first.isdigit() or (first == "" and last.isdigit())) or (last and not last.isdigit()):
+        return None
+    if first == "":  # suffix: the last N bytes
+        suffix = int(last)
+        return (max(0, length - suffix), length - 1) if suffix and length else UNSATISFIABLE
+    start = int(first)
+    end = int(last) if last else length - 1
+    if last and end < start:
+        return None  # invalid: ignore the Range
+    if start >= length:
+        return UNSATISFIABLE
+    return start, min(end, length - 1)
+
+
 def has_client_conditionals(request_headers: HeaderList) -> bool:
     return bool(header_values(request_headers, "if-none-match") or header_values(request_headers, "if-modified-since"))
 

@@ -346,6 +346,29 @@ def test_max_stale_serves_stale(client: httpx.Client, origin: Origin) -> None:
     assert r.headers["x-cache-status"] == "MISS"  # must-revalidate: never stale (§4.2.4)
 
 
+def test_ranges_served_from_a_cached_full_response(client: httpx.Client, origin: Origin) -> None:
+    path = f"/range?cc={q('max-age=60')}&etag=r"
+    full = client.get(path).content  # b"/range #1"
+    r = client.get(path, headers={"Range": "bytes=1-5"})
+    assert r.status_code == 206 and r.content == full[1:6]
+    assert r.headers["content-range"] == f"bytes 1-5/{len(full)}"
+    assert r.headers["x-cache-status"] == "HIT"
+    assert client.get(path, headers={"Range": "bytes=-2"}).content == full[-2:]
+    assert client.get(path, headers={"Range": "bytes=0-1", "If-Range": '"other"'}).status_code == 200
+    r = client.get(path, headers={"Range": "bytes=999-"})
+    assert r.status_code == 416 and r.headers["content-range"] == f"bytes */{len(full)}"
+    assert origin.count(path) == 1
+
+
+def test_range_miss_goes_to_the_origin_and_no_206_is_stored(client: httpx.Client, origin: Origin) -> None:
+    path = f"/range-miss?cc={q('max-age=60')}&status=206"
+    r = client.get(path, headers={"Range": "bytes=0-1"})
+    assert r.status_code == 206 and r.headers["x-cache-status"] == "MISS"
+    assert "detail=range" in r.headers["cache-status"]
+    assert client.get(path).headers["x-cache-status"] == "MISS"  # the 206 was not stored
+    assert origin.count(path) == 2
+
+
 def test_oversized_response_passes_through(client: httpx.Client, origin: Origin, proxy: Proxy) -> None:
     path = f"/big?cc={q('max-age=60')}&size={11 * 1024 * 1024}"
     r = client.get(path)

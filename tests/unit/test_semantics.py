@@ -398,3 +398,37 @@ def test_head_response_freshens_or_marks_stale_4_3_5(case: tuple) -> None:
     updated = sem.freshen_with_head(old, head, NOW, NOW)
     assert updated.is_fresh(NOW + 1) is fresh_after
     assert updated.body == old.body
+
+
+RANGES = [
+    # (id, request headers, expected) against a 10-byte stored 200 with ETag "a"
+    ("no Range", [], None),
+    ("first bytes", [("Range", "bytes=0-3")], (0, 3)),
+    ("open end", [("Range", "bytes=7-")], (7, 9)),
+    ("end past length is clipped", [("Range", "bytes=5-100")], (5, 9)),
+    ("suffix", [("Range", "bytes=-3")], (7, 9)),
+    ("suffix longer than body", [("Range", "bytes=-50")], (0, 9)),
+    ("start past end: 416", [("Range", "bytes=10-")], sem.UNSATISFIABLE),
+    ("zero suffix: 416", [("Range", "bytes=-0")], sem.UNSATISFIABLE),
+    ("several ranges: whole", [("Range", "bytes=0-1,4-5")], None),
+    ("other unit: whole", [("Range", "items=0-1")], None),
+    ("garbage: whole", [("Range", "bytes=x-y")], None),
+    ("reversed: whole", [("Range", "bytes=5-2")], None),
+    ("If-Range matching ETag", [("Range", "bytes=0-1"), ("If-Range", '"a"')], (0, 1)),
+    ("If-Range other ETag: whole", [("Range", "bytes=0-1"), ("If-Range", '"b"')], None),
+    ("If-Range weak never matches", [("Range", "bytes=0-1"), ("If-Range", 'W/"a"')], None),
+    ("If-Range date matching", [("Range", "bytes=0-1"), ("If-Range", date(-100))], (0, 1)),
+    ("If-Range other date: whole", [("Range", "bytes=0-1"), ("If-Range", date(-50))], None),
+]
+
+
+@pytest.mark.parametrize("case", RANGES, ids=[c[0] for c in RANGES])
+def test_byte_ranges_from_a_stored_200_rfc_9110_14(case: tuple) -> None:
+    _id, req, expected = case
+    e = entry([("Cache-Control", "max-age=60"), ("ETag", '"a"'), ("Last-Modified", date(-100))], body=b"0123456789")
+    assert sem.select_range(req, e) == expected
+
+
+def test_no_ranges_from_other_statuses() -> None:
+    e = entry([("Cache-Control", "max-age=60")], status=404, body=b"0123456789")
+    assert sem.select_range([("Range", "bytes=0-1")], e) is None
