@@ -310,7 +310,7 @@ class MitmCache:
             target = sem.normalize_authority(req.scheme, req.host, req.port)
             named = sem.normalize_authority(req.scheme, h, p if p is not None else sem.default_port(req.scheme))
             if named != target:
-                key += f" host={named}"
+                key += f"\nhost={named}"  # a newline never occurs in a request target
         return key
 
     # ------------------------------------------------------------------ request
