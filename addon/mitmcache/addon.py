@@ -19,12 +19,12 @@ import weakref
 from dataclasses import dataclass, field
 
 from mitmproxy import command, ctx, exceptions, http
-from mitmproxy.net.http import status_codes
 
+from . import responses
 from . import semantics as sem
 from .coalesce import Coalescer, Flight, Outcome
 from .metrics import Metrics
-from .origin_client import Fetched, OriginClient, OriginError, tls_verification
+from .origin_client import OriginClient, OriginError, tls_verification
 from .revalidate import Job, Revalidator
 from .ring import ValkeyURLError, parse_valkey_urls
 from .semantics import CacheStatus, StoredResponse, Use
@@ -80,23 +80,6 @@ def _split_host_port(authority: str) -> tuple[str, int | None]:
     except ValueError:
         port = None
     return host, port
-
-
-def _response_from(fetched: Fetched | None, error: str | None) -> http.Response:
-    """A mitmproxy response from the cache's own fetch, or a 502 if the origin gave none."""
-    if fetched is None or fetched.body is None:
-        return http.Response.make(
-            502, f"mitmcache: origin unreachable: {error}".encode(), {"Content-Type": "text/plain"}
-        )
-    resp = http.Response(
-        b"HTTP/1.1", fetched.status, fetched.reason.encode("latin-1", "replace"),
-        http.Headers([(k.encode("latin-1", "replace"), v.encode("latin-1", "replace"))
-                      for k, v in fetched.headers if k.lower() not in sem.HOP_BY_HOP]),
-        None, None, fetched.request_time, fetched.response_time,
-    )
-    resp.raw_content = fetched.body
-    resp.headers["content-length"] = str(len(fetched.body))
-    return resp
 
 
 class MitmCache:
@@ -538,7 +521,7 @@ class MitmCache:
             await self._finish(state, Outcome.STALE_IF_ERROR, state.resource)
             return
         # Hand the origin's own answer to the client (not stored), or a 502 if there was none.
-        resp = _response_from(fetched, result.error)
+        resp = responses.from_fetched(fetched, result.error)
         state.served = True
         self._label(flow, resp, state, "MISS")
         flow.response = resp
@@ -558,52 +541,6 @@ class MitmCache:
 
     # ------------------------------------------------------------------ serving
 
-    def _build(
-        self,
-        flow: http.HTTPFlow,
-        entry: StoredResponse,
-        now: float,
-        not_modified: bool,
-        byte_range: tuple[int, int] | str | None = None,
-    ) -> http.Response:
-        head = flow.request.method.upper() == "HEAD"
-        if not_modified:
-            fields = sem.not_modified_headers(entry)
-            status, body, reason = 304, b"", "Not Modified"
-        elif byte_range == sem.UNSATISFIABLE:
-            fields = [("Content-Range", f"bytes */{len(entry.body)}")]
-            status, body, reason = 416, b"", "Range Not Satisfiable"
-        elif isinstance(byte_range, tuple):
-            first, last = byte_range
-            fields = [(k, v) for k, v in entry.headers if k.lower() != "content-length"]
-            fields.append(("Content-Range", f"bytes {first}-{last}/{len(entry.body)}"))
-            status, body, reason = 206, entry.body[first : last + 1], "Partial Content"
-        else:
-            fields = [(k, v) for k, v in entry.headers if k.lower() != "content-length"]
-            status, body, reason = entry.status, entry.body, entry.reason or status_codes.RESPONSES.get(entry.status, "")
-        resp = http.Response(
-            b"HTTP/1.1",
-            status,
-            reason.encode("latin-1", "replace"),
-            http.Headers([(k.encode("latin-1", "replace"), v.encode("latin-1", "replace")) for k, v in fields]),
-            None,
-            None,
-            now,
-            now,
-        )
-        # mitmproxy-notes §0.7: HEAD and 304 carry no body and we set the framing ourselves.
-        if not_modified or status == 204 or 100 <= status < 200:
-            resp.raw_content = b""
-            resp.headers.pop("content-length", None)
-        elif head:
-            resp.raw_content = b""
-            resp.headers["content-length"] = str(len(body))
-        else:
-            resp.raw_content = body
-            resp.headers["content-length"] = str(len(body))
-        resp.headers["Age"] = sem.age_header_value(entry.age(now))
-        return resp
-
     def _serve(
         self,
         flow: http.HTTPFlow,
@@ -622,7 +559,7 @@ class MitmCache:
             byte_range = sem.select_range(client_headers, entry)
             if byte_range is not None:
                 state.status.detail.append("range")
-        resp = self._build(flow, entry, now, not_modified, byte_range)
+        resp = responses.from_entry(flow.request.method.upper() == "HEAD", entry, now, not_modified, byte_range)
         state.served = True
         state.status.hit = hit
         state.status.ttl = int(entry.ttl(now))
@@ -703,15 +640,15 @@ class MitmCache:
     async def _refetch_unconditionally(self, flow: http.HTTPFlow, state: FlowState) -> http.Response:
         """Ask the origin again without validators, with the cache's own client."""
         if self.revalidator.client is None:
-            return _response_from(None, "no origin client")
+            return responses.from_fetched(None, "no origin client")
         headers = [(k, v) for k, v in self._client_headers(flow, state)
                    if k.lower() not in ("if-none-match", "if-modified-since")]
         try:
             fetched = await self.revalidator.client.fetch("GET", flow.request.url, headers, FOREGROUND_MAX_BODY)
         except OriginError as e:
-            return _response_from(None, str(e))
+            return responses.from_fetched(None, str(e))
         state.client_conditionals = []  # the new response is judged on its own
-        return _response_from(fetched, None)
+        return responses.from_fetched(fetched, None)
 
     async def _freshen_from_head(self, flow: http.HTTPFlow, state: FlowState, now: float) -> None:
         """A forwarded HEAD's 200 updates (or marks stale) the stored GET response (§4.3.5)."""
