@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections.abc import Iterator
 
@@ -177,3 +178,32 @@ async def test_node_that_comes_up_later_joins() -> None:
     finally:
         await store.l2.close()  # type: ignore[union-attr]
         node.stop()
+
+
+async def test_hung_node_costs_a_few_timeouts_then_is_skipped(nodes: list[ValkeyNode]) -> None:
+    """A frozen server (SIGSTOP) answers nothing: each call waits for the timeout until the
+    breaker opens; after that its keys skip L2 at once. SIGCONT brings it back."""
+    node = nodes[0]
+    store, metrics = make_store(node.url, timeout_ms=150)
+    now = time.time()
+    await store.put("http://o/warm", entry(), now)  # connection established
+    assert node.proc is not None
+    node.proc.send_signal(signal.SIGSTOP)
+    try:
+        waits = []
+        for i in range(FAILURE_THRESHOLD + 3):
+            t0 = time.perf_counter()
+            assert await store.get(f"http://o/h{i}", now) is None  # a miss, never an exception
+            waits.append(time.perf_counter() - t0)
+        assert all(w >= 0.14 for w in waits[:FAILURE_THRESHOLD])
+        assert all(w < 0.02 for w in waits[FAILURE_THRESHOLD:])
+        assert value(metrics.valkey_get_fallback) == FAILURE_THRESHOLD + 3
+    finally:
+        node.proc.send_signal(signal.SIGCONT)
+    for _ in range(100):
+        if all(store.l2.members().values()):  # type: ignore[union-attr]
+            break
+        await asyncio.sleep(0.05)
+    assert all(store.l2.members().values())  # type: ignore[union-attr]
+    assert (await store.get("http://o/warm", time.time())) is not None
+    await store.l2.close()  # type: ignore[union-attr]
