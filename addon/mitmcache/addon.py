@@ -258,6 +258,14 @@ class MitmCache:
             return
         if self._purge_task is None or self._purge_task.done():
             self._purge_task = loop.create_task(self._purge_loop())
+        opts = ctx.options
+        l2 = f"L2 ring of {len(self.store.l2.nodes)} Valkey nodes" if self.store.l2 else "no L2 (L1 only)"
+        log.info(
+            f"mitmcache: ready: L1 {opts.cache_l1_max_bytes / 2**20:.0f} MiB, {l2}, objects up to "
+            f"{opts.cache_max_object_bytes / 2**20:.1f} MiB, {opts.cache_revalidate_workers} revalidation workers"
+        )
+        if opts.cache_max_object_bytes > opts.cache_l1_max_bytes:
+            log.warning("mitmcache: cache_max_object_bytes exceeds cache_l1_max_bytes: the largest objects never fit L1")
 
     def done(self) -> None:
         # Sync on purpose (mitmproxy-notes A3); closing Valkey clients is scheduled if a loop runs.
@@ -747,6 +755,8 @@ class MitmCache:
                 "l1_max_bytes": self.store.l1.max_bytes,
                 "l2_nodes": self.store.l2.members() if self.store.l2 else {},
                 "requests": counts,
+                "fetches_in_flight": len(self.coalescer.flights),
+                "revalidations_pending": len(self.revalidator.in_progress),
             },
             sort_keys=True,
         )
