@@ -117,7 +117,7 @@ async def test_dead_node_falls_back_to_l1_and_is_skipped_then_rejoins(nodes: lis
     # Down: skipped at once, no timeout wait.
     t0 = time.perf_counter()
     await store.get("http://o/d", now)
-    assert time.perf_counter() - t0 < 0.05
+    assert time.perf_counter() - t0 < 0.1
     # An invalidation while it is down is replayed when it returns.
     await store.delete(["http://o/a"])
     node.start()
@@ -196,7 +196,7 @@ async def test_hung_node_costs_a_few_timeouts_then_is_skipped(nodes: list[Valkey
             assert await store.get(f"http://o/h{i}", now) is None  # a miss, never an exception
             waits.append(time.perf_counter() - t0)
         assert all(w >= 0.14 for w in waits[:FAILURE_THRESHOLD])
-        assert all(w < 0.02 for w in waits[FAILURE_THRESHOLD:])
+        assert all(w < 0.1 for w in waits[FAILURE_THRESHOLD:])  # no 150 ms timeout any more
         assert value(metrics.valkey_get_fallback) == FAILURE_THRESHOLD + 3
     finally:
         node.proc.send_signal(signal.SIGCONT)
