@@ -59,6 +59,7 @@ class FlowState:
     added_validators: bool = False  # we replaced the client's validators with the entry's
     client_conditionals: list[tuple[str, str]] = field(default_factory=list)
     wants_range: bool = False  # a Range request: served from a usable entry, else passed through
+    forwarded_at: float | None = None  # when the request hook let the request go upstream
     flight: Flight | None = None  # set while this flow leads the fetch of its key
     lease_token: str | None = None  # set while this flow holds the key's fill lease
     status: CacheStatus = field(default_factory=CacheStatus)
@@ -320,6 +321,9 @@ class MitmCache:
         directives = sem.RequestDirectives.from_headers(_headers(req))
         try:
             await self._lookup_and_decide(flow, state, directives)
+            # RFC 9111 §4.2.3 request_time: when the request goes upstream, after any coalescing
+            # or lease wait (counting those waits would make stored responses look older).
+            state.forwarded_at = time.time()
         except BaseException:
             # Cancelled (e.g. the client left) or a bug: never leave waiters or a lease behind.
             await self._finish(state, Outcome.FAILED)
@@ -665,7 +669,7 @@ class MitmCache:
         if entry is None:
             return
         updated = sem.freshen_with_head(
-            entry, _headers(flow.response), flow.request.timestamp_start or now,
+            entry, _headers(flow.response), state.forwarded_at or flow.request.timestamp_start or now,
             flow.response.timestamp_end or now, float(ctx.options.cache_heuristic_max),
         )
         if await self.store.put(state.key, updated, now, base=state.resource) is not None:
@@ -700,7 +704,7 @@ class MitmCache:
             client_headers,
             _headers(resp),
             body,
-            flow.request.timestamp_start or now,
+            state.forwarded_at or flow.request.timestamp_start or now,
             resp.timestamp_end or now,
             float(ctx.options.cache_heuristic_max),
         )
@@ -726,7 +730,7 @@ class MitmCache:
         entry = sem.merge_304(
             entry,
             _headers(resp),
-            flow.request.timestamp_start or now,
+            state.forwarded_at or flow.request.timestamp_start or now,
             resp.timestamp_end or now,
             float(ctx.options.cache_heuristic_max),
         )
