@@ -8,7 +8,7 @@ balance within ~1 %), unlike the reference's contiguous slot ranges (W11).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
@@ -109,6 +109,3 @@ class Ring:
                 best, best_score = name, score
         return best
 
-
-def owners(ring: Ring, keys: Sequence[bytes]) -> dict[bytes, str]:
-    return {k: ring.owner(k) for k in keys}

@@ -762,10 +762,6 @@ def select_range(request_headers: HeaderList, entry: StoredResponse) -> tuple[in
     return start, min(end, length - 1)
 
 
-def has_client_conditionals(request_headers: HeaderList) -> bool:
-    return bool(header_values(request_headers, "if-none-match") or header_values(request_headers, "if-modified-since"))
-
-
 def validators_for(entry: StoredResponse) -> list[tuple[str, str]]:
     """Conditional request fields to revalidate ``entry`` with (RFC 9111 §4.3.1)."""
     out: list[tuple[str, str]] = []

@@ -224,12 +224,6 @@ class TieredStore:
         self._update_gauges()
         return n
 
-    async def clear(self) -> int:
-        n = self.clear_l1()
-        if self.l2 is not None:
-            n += await self.l2.clear()
-        return n
-
     async def forget_node(self, node_name: str) -> None:
         """Drop L1 copies of keys owned by a node that just came back (in slices: no stall)."""
         if self.l2 is None:
