@@ -56,8 +56,9 @@ class FlowState:
     resource: Resource | None = None  # what the lookup found (other variants to keep)
     store_allowed: bool = True
     revalidating: StoredResponse | None = None
-    added_validators: bool = False  # we replaced the client's validators with the entry's
-    client_conditionals: list[tuple[str, str]] = field(default_factory=list)
+    # The request as the client sent it, read once: Vary matching, the client's own
+    # conditionals, revalidation jobs. flow.request later carries the validators we add.
+    request_headers: tuple[tuple[str, str], ...] = ()
     wants_range: bool = False  # a Range request: served from a usable entry, else passed through
     forwarded_at: float | None = None  # when the request hook let the request go upstream
     flight: Flight | None = None  # set while this flow leads the fetch of its key
@@ -67,6 +68,15 @@ class FlowState:
 
 def _headers(message: http.Message) -> list[tuple[str, str]]:
     return [(k, v) for k, v in message.headers.items(multi=True)]
+
+
+def _request_time(flow: http.HTTPFlow, state: FlowState, now: float) -> float:
+    """RFC 9111 §4.2.3 request_time: when the request went upstream (see FlowState.forwarded_at)."""
+    return state.forwarded_at or flow.request.timestamp_start or now
+
+
+def _heuristic_cap() -> float:
+    return float(ctx.options.cache_heuristic_max)
 
 
 def _split_host_port(authority: str) -> tuple[str, int | None]:
@@ -98,7 +108,7 @@ class MitmCache:
 
     def _revalidation_settings(self) -> tuple[int, int, float]:
         opts = ctx.options
-        return opts.cache_max_object_bytes, opts.cache_lease_ms, float(opts.cache_heuristic_max)
+        return opts.cache_max_object_bytes, opts.cache_lease_ms, _heuristic_cap()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -317,8 +327,9 @@ class MitmCache:
         if method not in ("GET", "HEAD"):
             state.store_allowed = False
             return
+        state.request_headers = tuple(_headers(req))
         state.wants_range = "range" in req.headers
-        directives = sem.RequestDirectives.from_headers(_headers(req))
+        directives = sem.RequestDirectives.from_headers(state.request_headers)
         try:
             await self._lookup_and_decide(flow, state, directives)
             # RFC 9111 §4.2.3 request_time: when the request goes upstream, after any coalescing
@@ -334,7 +345,7 @@ class MitmCache:
         lookup = await self.store.get(state.key, now)
         if lookup is not None and lookup.tier == "l1" and self.store.l2 is not None:
             # A stale near-cache copy: L2 may hold a newer one (another proxy refreshed it).
-            entry = sem.select_variant(lookup.resource.variants, _headers(flow.request))
+            entry = sem.select_variant(lookup.resource.variants, state.request_headers)
             if entry is not None and not entry.is_fresh(now):
                 newer = await self.store.get(state.key, now, skip_l1=True)
                 if newer is not None:
@@ -365,7 +376,7 @@ class MitmCache:
         self, flow: http.HTTPFlow, state: FlowState, lookup: Lookup | None, directives: sem.RequestDirectives, now: float
     ) -> StoredResponse | None:
         """Serve a usable entry (sets flow.response); else return a stale entry to revalidate."""
-        entry = sem.select_variant(lookup.resource.variants, _headers(flow.request)) if lookup else None
+        entry = sem.select_variant(lookup.resource.variants, state.request_headers) if lookup else None
         state.resource = lookup.resource if lookup else None
         if entry is None:
             state.status.fwd = "vary-miss" if lookup else "uri-miss"
@@ -389,37 +400,24 @@ class MitmCache:
             return entry
         return None
 
-    @staticmethod
-    def _client_headers(flow: http.HTTPFlow, state: FlowState) -> tuple[tuple[str, str], ...]:
-        """The request as the client sent it: with its own validators, not the ones we added."""
-        headers = _headers(flow.request)
-        if not state.added_validators:
-            return tuple(headers)
-        return tuple(
-            (k, v) for k, v in headers if k.lower() not in ("if-none-match", "if-modified-since")
-        ) + tuple(state.client_conditionals)
-
     def _schedule_revalidation(self, flow: http.HTTPFlow, state: FlowState, entry: StoredResponse) -> None:
         # A HEAD can trigger it too: the GET entry is what gets refreshed.
-        job = Job(state.key, flow.request.url, self._client_headers(flow, state), entry)
+        job = Job(state.key, flow.request.url, state.request_headers, entry)
         outcome = self.revalidator.enqueue(job)
         state.status.detail.append(f"reval-{outcome}")
 
     def _add_validators(self, flow: http.HTTPFlow, state: FlowState, stale: StoredResponse) -> None:
-        """Forward a conditional request (§4.3.1); the client's own validators are kept aside
-        and answered by us after the origin's reply."""
+        """Forward a conditional request (§4.3.1) with the entry's validators in place of the
+        client's; its own (kept in state.request_headers) are answered by us after the reply."""
         validators = sem.validators_for(stale)
         state.revalidating = stale
         if not validators:
             return
         req = flow.request
         for name in ("if-none-match", "if-modified-since"):
-            for value in req.headers.get_all(name):
-                state.client_conditionals.append((name, value))
             req.headers.pop(name, None)
         for name, value in validators:
             req.headers[name] = value
-        state.added_validators = True
 
     # ------------------------------------------------------------------ coalescing
 
@@ -442,9 +440,10 @@ class MitmCache:
                 continue  # the leader failed or left: someone else leads now
             if resource is None or outcome is Outcome.NOT_SHAREABLE:
                 return False
-            if sem.select_variant(resource.variants, _headers(flow.request)) is None:
+            entry = sem.select_variant(resource.variants, state.request_headers)
+            if entry is None:
                 continue  # another Vary variant was fetched: one of us leads the fetch of ours
-            return self._serve_collapsed(flow, state, resource, directives, outcome, None)
+            return self._serve_collapsed(flow, state, entry, directives, outcome, None)
         return False
 
     async def _lease(self, flow: http.HTTPFlow, state: FlowState, directives: sem.RequestDirectives) -> bool:
@@ -463,7 +462,8 @@ class MitmCache:
         resource, why = await self.store.wait_for_fill(state.key, lease_ms / 1000, known=state.resource)
         if why == "timeout":
             self.metrics.lease_timeouts.inc()
-        if resource is not None and self._serve_collapsed(flow, state, resource, directives, Outcome.STORED, "lease-wait"):
+        entry = sem.select_variant(resource.variants, state.request_headers) if resource is not None else None
+        if entry is not None and self._serve_collapsed(flow, state, entry, directives, Outcome.STORED, "lease-wait"):
             await self._finish(state, Outcome.STORED, resource)
             return True
         return False  # fetch ourselves; our local waiters keep waiting for us
@@ -472,15 +472,13 @@ class MitmCache:
         self,
         flow: http.HTTPFlow,
         state: FlowState,
-        resource: Resource,
+        entry: StoredResponse,
         directives: sem.RequestDirectives,
         outcome: Outcome,
         detail: str | None,
     ) -> bool:
+        """Answer from another request's fetch (``entry``: this request's variant of it)."""
         now = time.time()
-        entry = sem.select_variant(resource.variants, _headers(flow.request))
-        if entry is None:
-            return False  # another variant was fetched: ours is still a miss
         if outcome is Outcome.STALE_IF_ERROR:
             if not sem.may_serve_stale_if_error(entry, directives, now):
                 return False
@@ -511,7 +509,7 @@ class MitmCache:
     async def _refresh_in_foreground(
         self, flow: http.HTTPFlow, state: FlowState, stale: StoredResponse, directives: sem.RequestDirectives
     ) -> None:
-        job = Job(state.key, flow.request.url, self._client_headers(flow, state), stale)
+        job = Job(state.key, flow.request.url, state.request_headers, stale)
         result = await self.revalidator.refresh(job, max_body=FOREGROUND_MAX_BODY)
         now = time.time()
         fetched = result.fetched
@@ -564,11 +562,10 @@ class MitmCache:
         metric: str | None = None,
     ) -> None:
         """Answer the flow from ``entry`` (a 304 if the client's validators match it)."""
-        client_headers = self._client_headers(flow, state)
-        not_modified = sem.client_conditional_matches(client_headers, entry)
+        not_modified = sem.client_conditional_matches(state.request_headers, entry)
         byte_range = None
         if state.wants_range and not not_modified and state.method == "GET":
-            byte_range = sem.select_range(client_headers, entry)
+            byte_range = sem.select_range(state.request_headers, entry)
             if byte_range is not None:
                 state.status.detail.append("range")
         resp = responses.from_entry(flow.request.method.upper() == "HEAD", entry, now, not_modified, byte_range)
@@ -653,24 +650,22 @@ class MitmCache:
         """Ask the origin again without validators, with the cache's own client."""
         if self.revalidator.client is None:
             return responses.from_fetched(None, "no origin client")
-        headers = [(k, v) for k, v in self._client_headers(flow, state)
-                   if k.lower() not in ("if-none-match", "if-modified-since")]
+        headers = [(k, v) for k, v in state.request_headers if k.lower() not in ("if-none-match", "if-modified-since")]
         try:
             fetched = await self.revalidator.client.fetch("GET", flow.request.url, headers, FOREGROUND_MAX_BODY)
         except OriginError as e:
             return responses.from_fetched(None, str(e))
-        state.client_conditionals = []  # the new response is judged on its own
         return responses.from_fetched(fetched, None)
 
     async def _freshen_from_head(self, flow: http.HTTPFlow, state: FlowState, now: float) -> None:
         """A forwarded HEAD's 200 updates (or marks stale) the stored GET response (§4.3.5)."""
         assert state.resource is not None and flow.response is not None
-        entry = sem.select_variant(state.resource.variants, self._client_headers(flow, state))
+        entry = sem.select_variant(state.resource.variants, state.request_headers)
         if entry is None:
             return
         updated = sem.freshen_with_head(
-            entry, _headers(flow.response), state.forwarded_at or flow.request.timestamp_start or now,
-            flow.response.timestamp_end or now, float(ctx.options.cache_heuristic_max),
+            entry, _headers(flow.response), _request_time(flow, state, now),
+            flow.response.timestamp_end or now, _heuristic_cap(),
         )
         if await self.store.put(state.key, updated, now, base=state.resource) is not None:
             state.status.detail.append("head-freshened" if updated.freshness else "head-marked-stale")
@@ -683,11 +678,10 @@ class MitmCache:
         if not state.store_allowed:
             return None
         body = resp.raw_content
-        client_headers = list(self._client_headers(flow, state))
         reason = sem.storability(
             state.method,
             resp.status_code,
-            client_headers,
+            state.request_headers,
             _headers(resp),
             len(body) if body is not None else None,
             ctx.options.cache_max_object_bytes,
@@ -701,12 +695,12 @@ class MitmCache:
         entry = sem.make_stored_response(
             resp.status_code,
             resp.reason,
-            client_headers,
+            state.request_headers,
             _headers(resp),
             body,
-            state.forwarded_at or flow.request.timestamp_start or now,
+            _request_time(flow, state, now),
             resp.timestamp_end or now,
-            float(ctx.options.cache_heuristic_max),
+            _heuristic_cap(),
         )
         if entry.retain_until() <= now:
             state.status.detail.append("no-freshness")
@@ -730,9 +724,9 @@ class MitmCache:
         entry = sem.merge_304(
             entry,
             _headers(resp),
-            state.forwarded_at or flow.request.timestamp_start or now,
+            _request_time(flow, state, now),
             resp.timestamp_end or now,
-            float(ctx.options.cache_heuristic_max),
+            _heuristic_cap(),
         )
         resource = await self.store.put(state.key, entry, now, base=state.resource)
         state.status.stored = resource is not None
