@@ -774,10 +774,9 @@ class MitmCache:
         key = sem.key_for_uri(url)
         if key is None:
             raise exceptions.CommandError(f"cache.purge needs an absolute http(s) URL, not {url!r}")
-        removed = 1 if self.store.l1.delete(key) else 0
-        self.store._update_gauges()
+        removed = self.store.delete_l1([key])  # now, so this proxy's next request misses
         if self.store.l2 is not None:
-            self._spawn(self.store.delete([key]))
+            self._spawn(self.store.delete_l2([key]))
         self.metrics.invalidations.inc()
         return removed
 

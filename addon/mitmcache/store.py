@@ -111,8 +111,7 @@ class TieredStore:
         if resource is None:
             return None
         self.metrics.l2_hits.inc()
-        if self.l1_ttl > 0:
-            self._l1_set(key, resource, min(now + self.l1_ttl, resource.retain_until()), now)
+        self._near_cache(key, resource, now)
         return Lookup(resource, "l2")
 
     # ------------------------------------------------------------------ write
@@ -137,9 +136,15 @@ class TieredStore:
                     self.l1.delete(key)  # L1 only as fallback: never shadow L2
                     self._update_gauges()
                 else:
-                    self._l1_set(key, resource, min(now + self.l1_ttl, retain), now)
+                    self._near_cache(key, resource, now)
                 return resource
         return resource if self._l1_set(key, resource, retain, now) else None
+
+    def _near_cache(self, key: str, resource: Resource, now: float) -> None:
+        """Keep a copy of what L2 holds in L1 for at most ``l1_ttl`` seconds (never past the
+        entry's own retention; its freshness fields are untouched: W10)."""
+        if self.l1_ttl > 0:
+            self._l1_set(key, resource, min(now + self.l1_ttl, resource.retain_until()), now)
 
     def _l1_set(self, key: str, resource: Resource, expires_at: float, now: float) -> bool:
         stored = self.l1.set(key, resource, resource.cost(), expires_at, now)
@@ -197,9 +202,7 @@ class TieredStore:
             if data is not None:
                 resource = self._decode(key, data)
                 if resource is not None and max(v.response_time for v in resource.variants) > newest_known:
-                    now = time.time()
-                    if self.l1_ttl > 0:
-                        self._l1_set(key, resource, min(now + self.l1_ttl, resource.retain_until()), now)
+                    self._near_cache(key, resource, time.time())
                     return resource, "filled"
             if not held:
                 return None, "released"
@@ -210,14 +213,22 @@ class TieredStore:
     # ------------------------------------------------------------------ invalidate
 
     async def delete(self, keys: list[str]) -> int:
+        """Invalidate in both tiers; returns how many keys L1 held."""
+        removed = self.delete_l1(keys)
+        await self.delete_l2(keys)
+        return removed
+
+    def delete_l1(self, keys: list[str]) -> int:
         removed = sum(1 for key in keys if self.l1.delete(key))
         self._update_gauges()
+        return removed
+
+    async def delete_l2(self, keys: list[str]) -> None:
         if self.l2 is not None:
             try:
                 await self.l2.delete(keys)
             except L2Error as e:
                 log.warning(f"mitmcache: L2 delete failed, will retry when the node returns: {e}")
-        return removed
 
     def clear_l1(self) -> int:
         n = self.l1.clear()
