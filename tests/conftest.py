@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -14,18 +15,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mitmcache.valkey_nodes import die_with_parent
+from mitmcache.valkey_nodes import ValkeyNode, die_with_parent, free_port, start_nodes
 from tests.origin import Origin, start_origin
 
 ROOT = Path(__file__).resolve().parent.parent
 ENTRY = ROOT / "addon" / "mitmcache_addon.py"
 MITMDUMP = Path(sys.executable).parent / "mitmdump"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 20.0) -> None:
@@ -143,6 +138,24 @@ def client(proxy: Proxy) -> Iterator[httpx.Client]:
     c = proxy.client()
     yield c
     c.close()
+
+
+@contextlib.contextmanager
+def running_nodes(count: int = 3) -> Iterator[list[ValkeyNode]]:
+    """Real valkey-server processes on ephemeral ports, killed afterwards."""
+    nodes = start_nodes(count)
+    try:
+        yield nodes
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+@pytest.fixture
+def ring_nodes() -> Iterator[list[ValkeyNode]]:
+    """A three-node ring for one test."""
+    with running_nodes(3) as nodes:
+        yield nodes
 
 
 @pytest.fixture

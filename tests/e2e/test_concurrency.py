@@ -13,8 +13,8 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from mitmcache.valkey_nodes import ValkeyNode, start_nodes
-from tests.conftest import Proxy, start_proxy
+from mitmcache.valkey_nodes import ValkeyNode
+from tests.conftest import Proxy, running_nodes, start_proxy
 from tests.origin import Origin, start_origin
 
 
@@ -45,10 +45,8 @@ def wait_until(check, timeout: float = 10.0) -> None:  # type: ignore[no-untyped
 
 @pytest.fixture(scope="module")
 def ring() -> Iterator[list[ValkeyNode]]:
-    nodes = start_nodes(3)
-    yield nodes
-    for n in nodes:
-        n.stop()
+    with running_nodes(3) as nodes:
+        yield nodes
 
 
 @pytest.fixture(scope="module")

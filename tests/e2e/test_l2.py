@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
@@ -12,20 +11,12 @@ import pytest
 import valkey
 
 from mitmcache.ring import Ring, parse_valkey_urls
-from mitmcache.valkey_nodes import ValkeyNode, free_port, start_nodes
+from mitmcache.valkey_nodes import ValkeyNode, free_port
 from tests.conftest import Proxy, start_proxy
 from tests.origin import Origin
 from tests.tls_terminator import TLSTerminator
 
 CC = quote("max-age=300", safe="")
-
-
-@pytest.fixture
-def ring_nodes() -> Iterator[list[ValkeyNode]]:
-    nodes = start_nodes(3)
-    yield nodes
-    for n in nodes:
-        n.stop()
 
 
 def ring_proxy(tmp: Path, origin: Origin, nodes: list[ValkeyNode], *sets: str) -> Proxy:

@@ -5,25 +5,15 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Iterator
 
-import pytest
 import valkey
 
 from mitmcache import semantics as sem
 from mitmcache.metrics import Metrics
 from mitmcache.ring import parse_valkey_urls
 from mitmcache.store import TieredStore
-from mitmcache.valkey_nodes import ValkeyNode, free_port, start_nodes
+from mitmcache.valkey_nodes import ValkeyNode, free_port
 from mitmcache.valkey_tier import FAILURE_THRESHOLD, ValkeyTier
-
-
-@pytest.fixture
-def nodes() -> Iterator[list[ValkeyNode]]:
-    ns = start_nodes(3)
-    yield ns
-    for n in ns:
-        n.stop()
 
 
 def make_store(urls: str, l1_ttl: float = 60.0, timeout_ms: int = 250) -> tuple[TieredStore, Metrics]:
@@ -46,8 +36,8 @@ def raw_client(node: ValkeyNode) -> valkey.Valkey:
     return valkey.Valkey(host="127.0.0.1", port=node.port, password=node.password)
 
 
-async def test_store_in_l2_and_read_back_from_another_store(nodes: list[ValkeyNode]) -> None:
-    urls = ",".join(n.url for n in nodes)
+async def test_store_in_l2_and_read_back_from_another_store(ring_nodes: list[ValkeyNode]) -> None:
+    urls = ",".join(n.url for n in ring_nodes)
     a, _ = make_store(urls)
     b, mb = make_store(urls)
     now = time.time()
@@ -64,24 +54,24 @@ async def test_store_in_l2_and_read_back_from_another_store(nodes: list[ValkeyNo
     await b.l2.close()  # type: ignore[union-attr]
 
 
-async def test_keys_spread_over_all_nodes_and_each_url_on_one(nodes: list[ValkeyNode]) -> None:
-    store, _ = make_store(",".join(n.url for n in nodes))
+async def test_keys_spread_over_all_nodes_and_each_url_on_one(ring_nodes: list[ValkeyNode]) -> None:
+    store, _ = make_store(",".join(n.url for n in ring_nodes))
     now = time.time()
     for i in range(60):
         await store.put(f"http://o/k{i}", entry(), now)
-    sizes = [raw_client(n).dbsize() for n in nodes]
+    sizes = [raw_client(n).dbsize() for n in ring_nodes]
     assert sum(sizes) == 60 and min(sizes) > 5
     await store.l2.close()  # type: ignore[union-attr]
 
 
-async def test_sub_second_ttl_is_honoured(nodes: list[ValkeyNode]) -> None:
-    store, _ = make_store(nodes[0].url, l1_ttl=0)
+async def test_sub_second_ttl_is_honoured(ring_nodes: list[ValkeyNode]) -> None:
+    store, _ = make_store(ring_nodes[0].url, l1_ttl=0)
     now = time.time()
     # max-age=1 with Age: 0.6 s of response delay -> about 0.4 s of retention left.
     e = sem.make_stored_response(200, "OK", [], [("Cache-Control", "max-age=1")], b"x", now - 0.6, now)
     assert 0.3 < e.retain_until() - now < 0.45
     await store.put("http://o/short", e, now)
-    r = raw_client(nodes[0])
+    r = raw_client(ring_nodes[0])
     pttl = r.pttl(store.l2.valkey_key("http://o/short"))  # type: ignore[union-attr]
     assert 0 < pttl <= 450  # milliseconds, not rounded to 0 or up to whole seconds (W12)
     assert await store.get("http://o/short", time.time()) is not None
@@ -90,17 +80,17 @@ async def test_sub_second_ttl_is_honoured(nodes: list[ValkeyNode]) -> None:
     await store.l2.close()  # type: ignore[union-attr]
 
 
-async def test_garbage_in_valkey_is_a_counted_miss(nodes: list[ValkeyNode]) -> None:
-    store, metrics = make_store(nodes[0].url)
+async def test_garbage_in_valkey_is_a_counted_miss(ring_nodes: list[ValkeyNode]) -> None:
+    store, metrics = make_store(ring_nodes[0].url)
     key = store.l2.valkey_key("http://o/garbage")  # type: ignore[union-attr]
-    raw_client(nodes[0]).set(key, b"\x80\x04\x95 definitely not ours")
+    raw_client(ring_nodes[0]).set(key, b"\x80\x04\x95 definitely not ours")
     assert await store.get("http://o/garbage", time.time()) is None
     assert value(metrics.valkey_decode_errors) == 1
     await store.l2.close()  # type: ignore[union-attr]
 
 
-async def test_dead_node_falls_back_to_l1_and_is_skipped_then_rejoins(nodes: list[ValkeyNode]) -> None:
-    node = nodes[0]
+async def test_dead_node_falls_back_to_l1_and_is_skipped_then_rejoins(ring_nodes: list[ValkeyNode]) -> None:
+    node = ring_nodes[0]
     store, metrics = make_store(node.url, l1_ttl=0)
     now = time.time()
     await store.put("http://o/a", entry(body=b"v1"), now)
@@ -180,10 +170,10 @@ async def test_node_that_comes_up_later_joins() -> None:
         node.stop()
 
 
-async def test_hung_node_costs_a_few_timeouts_then_is_skipped(nodes: list[ValkeyNode]) -> None:
+async def test_hung_node_costs_a_few_timeouts_then_is_skipped(ring_nodes: list[ValkeyNode]) -> None:
     """A frozen server (SIGSTOP) answers nothing: each call waits for the timeout until the
     breaker opens; after that its keys skip L2 at once. SIGCONT brings it back."""
-    node = nodes[0]
+    node = ring_nodes[0]
     store, metrics = make_store(node.url, timeout_ms=150)
     now = time.time()
     await store.put("http://o/warm", entry(), now)  # connection established
