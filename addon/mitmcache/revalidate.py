@@ -155,17 +155,13 @@ class Revalidator:
             return Result("error", None, error=str(e))
         finally:
             self.metrics.reval_seconds.observe(time.perf_counter() - start)
-        now = time.time()
-        base = await self.store.get(job.key, now)
-        base_resource = base.resource if base else None
-
         if fetched.status == 304:
             self.metrics.revalidations.labels("304").inc()
             if not sem.validator_304_matches(job.entry, fetched.headers):
                 self.metrics.bad_input.labels("304-mismatch").inc()
                 return Result("error", None, fetched, "304 does not match the stored validators")
             renewed = sem.merge_304(job.entry, fetched.headers, fetched.request_time, fetched.response_time, heuristic_cap)
-            await self.store.put(job.key, renewed, now, base=base_resource)
+            await self._store(job.key, renewed)
             return Result("304", renewed, fetched)
 
         if fetched.status >= 400:
@@ -184,5 +180,11 @@ class Revalidator:
             fetched.status, fetched.reason, job.request_headers, fetched.headers, fetched.body,
             fetched.request_time, fetched.response_time, heuristic_cap,
         )
-        await self.store.put(job.key, replaced, now, base=base_resource)
+        await self._store(job.key, replaced)
         return Result("200", replaced, fetched)
+
+    async def _store(self, key: str, entry: StoredResponse) -> None:
+        """Store next to the URL's other variants as they are now (read only when storing)."""
+        now = time.time()
+        current = await self.store.get(key, now)
+        await self.store.put(key, entry, now, base=current.resource if current else None)
