@@ -93,38 +93,42 @@ class ValkeyTier:
 
     # ------------------------------------------------------------------ placement
 
-    def valkey_key(self, cache_key: str) -> str:
-        """One Valkey key per URL, holding all its variants: they always share a node."""
-        return f"{self.prefix}:r1:{xxhash.xxh3_128_hexdigest(cache_key.encode())}"
+    def _place(self, cache_key: str) -> tuple[Node, str, str]:
+        """(owner node, value key, lease key) of a URL, hashing it once.
 
-    def lock_key(self, cache_key: str) -> str:
-        """The fill lease of a URL: placed by the URL's key, so it lives on the same node."""
-        return f"{self.prefix}:lease:{xxhash.xxh3_128_hexdigest(cache_key.encode())}"
+        One Valkey key holds all of a URL's variants, so they always share a node; the lease
+        is placed by that key too, so it lives on the same node.
+        """
+        digest = xxhash.xxh3_128_hexdigest(cache_key.encode())
+        value_key = f"{self.prefix}:r1:{digest}"
+        return self.nodes[self.ring.owner(value_key.encode())], value_key, f"{self.prefix}:lease:{digest}"
+
+    def valkey_key(self, cache_key: str) -> str:
+        return self._place(cache_key)[1]
 
     def node_for(self, cache_key: str) -> Node:
-        return self.nodes[self.ring.owner(self.valkey_key(cache_key).encode())]
+        return self._place(cache_key)[0]
 
     # ------------------------------------------------------------------ operations
 
     async def get(self, cache_key: str) -> bytes | None:
-        node = self.node_for(cache_key)
-        return await self._run(node, "get", lambda: node.client.get(self.valkey_key(cache_key)))
+        node, key, _ = self._place(cache_key)
+        return await self._run(node, "get", lambda: node.client.get(key))
 
     async def set(self, cache_key: str, value: bytes, ttl_ms: int) -> None:
         """Atomic write with a millisecond TTL (``SET … PX``): sub-second TTLs work (W12)."""
-        node = self.node_for(cache_key)
+        node, key, _ = self._place(cache_key)
         ttl_ms = max(1, ttl_ms)
         # A large value takes longer to send: allow 1 s per 20 MB on top (reference W27).
         timeout = self.timeout + len(value) / 20e6
-        await self._run(
-            node, "set", lambda: node.client.set(self.valkey_key(cache_key), value, px=ttl_ms), timeout
-        )
+        await self._run(node, "set", lambda: node.client.set(key, value, px=ttl_ms), timeout)
 
     async def delete(self, cache_keys: list[str]) -> None:
         """Delete on each owner; for a down owner, remember the key and delete it on return."""
         by_node: dict[str, list[str]] = {}
-        for key in cache_keys:
-            by_node.setdefault(self.node_for(key).name, []).append(self.valkey_key(key))
+        for cache_key in cache_keys:
+            owner, key, _ = self._place(cache_key)
+            by_node.setdefault(owner.name, []).append(key)
         errors = []
         for name, keys in by_node.items():
             node = self.nodes[name]
@@ -139,27 +143,25 @@ class ValkeyTier:
 
     async def acquire_lease(self, cache_key: str, token: str, ttl_ms: int) -> bool:
         """``SET lease token NX PX ttl``: True if we own the fill of this URL now."""
-        node = self.node_for(cache_key)
-        result = await self._run(
-            node, "lease", lambda: node.client.set(self.lock_key(cache_key), token, nx=True, px=max(1, ttl_ms))
-        )
+        node, _, lease_key = self._place(cache_key)
+        result = await self._run(node, "lease", lambda: node.client.set(lease_key, token, nx=True, px=max(1, ttl_ms)))
         return bool(result)
 
     async def release_lease(self, cache_key: str, token: str) -> None:
         """Delete the lease only if we still own it (an expired lease may be someone else's)."""
-        node = self.node_for(cache_key)
+        node, _, lease_key = self._place(cache_key)
         await self._run(
-            node, "release", lambda: node.client.eval(_RELEASE_LUA, 1, self.lock_key(cache_key), token)  # type: ignore[arg-type,return-value]
+            node, "release", lambda: node.client.eval(_RELEASE_LUA, 1, lease_key, token)  # type: ignore[arg-type,return-value]
         )
 
     async def poll_fill(self, cache_key: str) -> tuple[bytes | None, bool]:
         """(value, lease still held) in one round trip, for proxies waiting on another's fill."""
-        node = self.node_for(cache_key)
+        node, key, lease_key = self._place(cache_key)
 
         async def both() -> list[Any]:
             async with node.client.pipeline(transaction=False) as pipe:
-                pipe.get(self.valkey_key(cache_key))
-                pipe.exists(self.lock_key(cache_key))
+                pipe.get(key)
+                pipe.exists(lease_key)
                 return await pipe.execute()
 
         value, held = await self._run(node, "poll", both)
