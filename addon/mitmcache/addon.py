@@ -343,14 +343,15 @@ class MitmCache:
     async def _lookup_and_decide(self, flow: http.HTTPFlow, state: FlowState, directives: sem.RequestDirectives) -> None:
         now = time.time()
         lookup = await self.store.get(state.key, now)
-        if lookup is not None and lookup.tier == "l1" and self.store.l2 is not None:
+        entry = sem.select_variant(lookup.resource.variants, state.request_headers) if lookup else None
+        if lookup is not None and lookup.tier == "l1" and self.store.l2 is not None and entry is not None \
+                and not entry.is_fresh(now):
             # A stale near-cache copy: L2 may hold a newer one (another proxy refreshed it).
-            entry = sem.select_variant(lookup.resource.variants, state.request_headers)
-            if entry is not None and not entry.is_fresh(now):
-                newer = await self.store.get(state.key, now, skip_l1=True)
-                if newer is not None:
-                    lookup = newer
-        stale = self._use_cached(flow, state, lookup, directives, now)
+            newer = await self.store.get(state.key, now, skip_l1=True)
+            if newer is not None:
+                lookup = newer
+                entry = sem.select_variant(lookup.resource.variants, state.request_headers)
+        stale = self._use_cached(flow, state, lookup, entry, directives, now)
         if flow.response is not None:
             return
         # The origin is needed. only-if-cached must never contact it (§5.2.1.7).
@@ -373,10 +374,16 @@ class MitmCache:
         self._add_validators(flow, state, stale)
 
     def _use_cached(
-        self, flow: http.HTTPFlow, state: FlowState, lookup: Lookup | None, directives: sem.RequestDirectives, now: float
+        self,
+        flow: http.HTTPFlow,
+        state: FlowState,
+        lookup: Lookup | None,
+        entry: StoredResponse | None,
+        directives: sem.RequestDirectives,
+        now: float,
     ) -> StoredResponse | None:
-        """Serve a usable entry (sets flow.response); else return a stale entry to revalidate."""
-        entry = sem.select_variant(lookup.resource.variants, state.request_headers) if lookup else None
+        """Serve ``entry`` (this request's variant of ``lookup``) if usable (sets flow.response);
+        else return it as a stale entry to revalidate."""
         state.resource = lookup.resource if lookup else None
         if entry is None:
             state.status.fwd = "vary-miss" if lookup else "uri-miss"
