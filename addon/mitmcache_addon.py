@@ -5,6 +5,6 @@ its directory is first on sys.path, so the ``mitmcache`` package next to it is f
 without installing it.
 """
 
-from mitmcache.addon import MitmCache
+from mitmcache.addons import MitmCache
 
 addons = [MitmCache()]

@@ -15,7 +15,7 @@ from enum import Enum
 from .store import Resource
 
 
-class Outcome(Enum):
+class FlightResult(Enum):
     STORED = "stored"  # the response is in the cache: waiters serve it
     NOT_SHAREABLE = "not-shareable"  # waiters must fetch on their own (all at once)
     FAILED = "failed"  # the leader's fetch failed or its client left: elect a new leader
@@ -24,7 +24,7 @@ class Outcome(Enum):
 
 @dataclass(slots=True)
 class Flight:
-    future: asyncio.Future[tuple[Outcome, Resource | None]]
+    future: asyncio.Future[tuple[FlightResult, Resource | None]]
     started: float = field(default_factory=time.monotonic)
     waiters: int = 0
 
@@ -41,13 +41,13 @@ class Coalescer:
         self.flights[key] = flight
         return flight
 
-    def finish(self, key: str, flight: Flight, outcome: Outcome, resource: Resource | None = None) -> None:
+    def finish(self, key: str, flight: Flight, outcome: FlightResult, resource: Resource | None = None) -> None:
         if self.flights.get(key) is flight:
             del self.flights[key]
         if not flight.future.done():
             flight.future.set_result((outcome, resource))
 
-    async def wait(self, flight: Flight, timeout: float) -> tuple[Outcome, Resource | None] | None:
+    async def wait(self, flight: Flight, timeout: float) -> tuple[FlightResult, Resource | None] | None:
         """The leader's outcome, or None after ``timeout`` seconds."""
         flight.waiters += 1
         try:

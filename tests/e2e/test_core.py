@@ -416,11 +416,11 @@ def test_https_regular_mode(tmp_path) -> None:
 
 
 def test_invalid_option_rejected_at_startup(tmp_path) -> None:
-    with pytest.raises(RuntimeError, match="cache_l1_max_bytes must be a positive"):
+    with pytest.raises(RuntimeError, match="cache_l1_max_bytes: must be at least 1 bytes"):
         start_proxy(tmp_path, "regular", "cache_l1_max_bytes=0")
-    with pytest.raises(RuntimeError, match="cache_metrics_port must be 0..65535"):
+    with pytest.raises(RuntimeError, match="cache_metrics_port: must be 0..65535"):
         start_proxy(tmp_path, "regular", "cache_metrics_port=70000")
-    with pytest.raises(RuntimeError, match="cache_max_object_bytes must be >= 0"):
+    with pytest.raises(RuntimeError, match="cache_max_object_bytes: must be at least 0 bytes"):
         start_proxy(tmp_path, "regular", "cache_max_object_bytes=-1")
 
 

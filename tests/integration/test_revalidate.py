@@ -9,9 +9,9 @@ from urllib.parse import quote
 import pytest
 
 from mitmcache import semantics as sem
-from mitmcache.metrics import Metrics
 from mitmcache.origin_client import OriginClient
-from mitmcache.revalidate import Job, Revalidator
+from mitmcache.revalidate import Job
+from mitmcache.service import CacheService
 from mitmcache.store import TieredStore
 from tests.origin import Origin, start_origin
 
@@ -31,12 +31,11 @@ def stale_entry(etag: str = '"e"') -> sem.StoredResponse:
 
 
 async def revalidate(origin: Origin, query: str) -> tuple[str, TieredStore, str, Origin]:
-    metrics = Metrics()
-    store = TieredStore(metrics, 1_000_000)
-    revalidator = Revalidator(store, metrics, lambda: (1_000_000, 5000, 86400.0))
+    service = CacheService()
+    store, revalidator = service.store, service.revalidator
     revalidator.configure(1, 4, OriginClient(False, 5.0))
     path = f"/r?{query}"
-    key = sem.cache_key("http", "127.0.0.1", origin.port, path)
+    key = service.keys.build("http", "127.0.0.1", origin.port, path)
     entry = stale_entry()
     await store.put(key, entry, time.time())
     result = await revalidator.refresh(Job(key, origin.url + path, (("Accept", "text/plain"),), entry))
@@ -46,7 +45,7 @@ async def revalidate(origin: Origin, query: str) -> tuple[str, TieredStore, str,
 
 
 def stored_body(store: TieredStore, key: str) -> bytes:
-    lookup = store.l1.get(key, time.time())
+    lookup = store.peek(key, time.time())
     assert lookup is not None
     return lookup.variants[-1].body
 
@@ -55,7 +54,7 @@ async def test_304_renews_and_keeps_the_body(origin: Origin) -> None:
     outcome, store, key, _ = await revalidate(origin, f"cc={quote('max-age=60')}&etag=e")
     assert outcome == "304"
     assert stored_body(store, key) == b"old body"
-    lookup = store.l1.get(key, time.time())
+    lookup = store.peek(key, time.time())
     assert lookup is not None and lookup.variants[-1].is_fresh(time.time())
     seen = origin.requests_for(f"/r?cc={quote('max-age=60')}&etag=e")[0]
     assert seen.headers["if-none-match"] == '"e"'

@@ -46,7 +46,7 @@ def test_semantics_never_raise_on_any_headers(req, resp, status, body, delay) ->
     sem.validator_304_matches(entry, resp)
     sem.merge_304(entry, resp, NOW, NOW + 1)
     sem.select_variant([entry], req)
-    sem.invalidation_keys("POST", 201, "http://o.example/a", "http://o.example/a", resp)
+    sem.invalidation_targets("POST", 201, "http://o.example/a", resp)
     # Nothing hop-by-hop or cache-generated is ever stored (RFC 9111 §3.1).
     assert not {k.lower() for k, _ in entry.headers} & (sem.HOP_BY_HOP | sem.CACHE_GENERATED)
 

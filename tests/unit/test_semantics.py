@@ -286,47 +286,6 @@ def test_select_most_recent_matching_variant_4_1() -> None:
     assert sem.select_variant([old, new], [("Accept", "c")]) is None
 
 
-# --------------------------------------------------------------------------- key (§2) and invalidation (§4.4)
-
-KEYS = [
-    ("host lower-cased, default port dropped", ("http", "Example.COM", 80, "/a?b=1"), "http://example.com/a?b=1"),
-    ("https default port", ("https", "example.com", 443, "/"), "https://example.com/"),
-    ("non-default port kept", ("http", "example.com", 8080, "/"), "http://example.com:8080/"),
-    ("http on 443 keeps its port", ("http", "example.com", 443, "/"), "http://example.com:443/"),
-    ("IPv6 bracketed", ("http", "::1", 8080, "/"), "http://[::1]:8080/"),
-]
-
-
-@pytest.mark.parametrize("case", KEYS, ids=[c[0] for c in KEYS])
-def test_cache_key(case: tuple) -> None:
-    _id, args, expected = case
-    assert sem.cache_key(*args) == expected
-
-
-def test_http_and_https_never_share_a_key() -> None:
-    assert sem.cache_key("http", "a.example", 8443, "/") != sem.cache_key("https", "a.example", 8443, "/")
-
-
-INVALIDATION = [
-    ("POST 200 invalidates target", "POST", 200, [], ["http://o.example/r"]),
-    ("DELETE 204", "DELETE", 204, [], ["http://o.example/r"]),
-    ("custom unsafe method", "PURGEME", 200, [], ["http://o.example/r"]),
-    ("error status does not", "POST", 403, [], []),
-    ("safe method does not", "GET", 200, [], []),
-    ("relative Location", "POST", 201, [("Location", "/other")], ["http://o.example/r", "http://o.example/other"]),
-    ("absolute same-origin Content-Location", "PUT", 200, [("Content-Location", "http://O.example:80/c")], ["http://o.example/r", "http://o.example/c"]),
-    ("cross-origin Location ignored", "POST", 201, [("Location", "http://evil.example/r2")], ["http://o.example/r"]),
-    ("https Location is another origin", "POST", 201, [("Location", "https://o.example/r")], ["http://o.example/r"]),
-]
-
-
-@pytest.mark.parametrize("case", INVALIDATION, ids=[c[0] for c in INVALIDATION])
-def test_invalidation_4_4(case: tuple) -> None:
-    _id, method, status, headers, expected = case
-    key = "http://o.example/r"
-    assert sem.invalidation_keys(method, status, key, "http://o.example/r", headers) == expected
-
-
 # --------------------------------------------------------------------------- hygiene
 
 

@@ -1,0 +1,191 @@
+"""Admin addon: the ``cache.*`` commands and the Prometheus endpoint.
+
+Command names match ``[a-z.]+`` (mitmweb routes no others: mitmproxy-notes A1.7).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from urllib.parse import urlsplit, urlunsplit
+
+from mitmproxy import command, ctx, exceptions, flow, http
+from mitmproxy.proxy import mode_specs
+
+from ..semantics import StoredResponse
+from ..service import CacheService
+from ..store import Resource
+from .config import reject_unparsable_ints, report_option_errors, spawn
+from .http_cache import METADATA_KEY, HttpCache
+
+log = logging.getLogger("mitmcache")
+
+
+def variant_view(entry: StoredResponse, now: float) -> dict[str, object]:
+    """A stored response's metadata for inspection (no body)."""
+    return {
+        "status": entry.status,
+        "variant": dict((k, v) for k, v in entry.vary),
+        "age": int(entry.age(now)),
+        "freshness_lifetime": entry.freshness,
+        "ttl": int(entry.ttl(now)),
+        "heuristic": entry.heuristic,
+        "stale_while_revalidate": entry.stale_while_revalidate,
+        "stale_if_error": entry.stale_if_error,
+        "never_serve_stale": entry.never_serve_stale,
+        "no_cache": entry.requires_revalidation,
+        "etag": entry.etag,
+        "last_modified": entry.last_modified,
+        "stored_at": entry.response_time,
+        "retain_until": entry.retain_until(),
+        "body_bytes": len(entry.body),
+        "headers": [[k, v] for k, v in entry.headers],
+    }
+
+
+def _resource_view(resource: Resource | None, now: float) -> list[dict[str, object]] | None:
+    return None if resource is None else [variant_view(v, now) for v in resource.variants]
+
+
+class Admin:
+    name = "mitmcache.admin"
+
+    def __init__(self, service: CacheService, http_cache: HttpCache) -> None:
+        self.service = service
+        self.http_cache = http_cache
+        self._l2_views: dict[str, list[dict[str, object]] | None] = {}
+
+    def load(self, loader) -> None:  # type: ignore[no-untyped-def]
+        loader.add_option("cache_metrics_port", int, 0, "Serve Prometheus metrics on 127.0.0.1:PORT (0 = off).")
+        reject_unparsable_ints(loader, ("cache_metrics_port",))
+
+    @report_option_errors
+    def configure(self, updated: set[str]) -> None:
+        if "cache_metrics_port" in updated:
+            port = ctx.options.cache_metrics_port
+            if not 0 <= port <= 65535:
+                raise exceptions.OptionsError(f"cache_metrics_port: must be 0..65535, not {port}")
+            try:
+                self.service.metrics.serve(port)
+            except OSError as e:
+                raise exceptions.OptionsError(
+                    f"cache_metrics_port: cannot listen on 127.0.0.1:{port}: {e.strerror or e}"
+                ) from None
+            if port:
+                log.info(f"mitmcache: metrics on http://127.0.0.1:{port}/metrics")
+
+    def done(self) -> None:
+        self.service.metrics.stop()
+
+    # ------------------------------------------------------------------ keys from URLs
+
+    def _keys(self, url: str) -> list[str]:
+        """Keys a URL may name: as given, and — when it is one of this proxy's reverse-mode
+        listeners (the URL the client used) — the origin's URL the entry is stored under."""
+        keys = self.service.keys
+        key = keys.for_url(url)
+        if key is None:
+            raise exceptions.CommandError(f"not an absolute http(s) URL: {url!r}")
+        out = [key]
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+        for spec in getattr(ctx.options, "mode", []):
+            try:
+                mode = mode_specs.ProxyMode.parse(spec)
+            except ValueError:
+                continue
+            if isinstance(mode, mode_specs.ReverseMode) and mode.listen_port(ctx.options.listen_port) == port:
+                host, origin_port = mode.address
+                netloc = f"[{host}]:{origin_port}" if ":" in host else f"{host}:{origin_port}"
+                origin_url = urlunsplit((mode.scheme, netloc, parts.path, parts.query, ""))
+                origin_key = keys.for_url(origin_url)
+                if origin_key is not None and origin_key not in out:
+                    out.append(origin_key)
+        return out
+
+    # ------------------------------------------------------------------ commands
+
+    @command.command("cache.stats")
+    def stats(self) -> str:
+        """Entries, bytes and request counters of this proxy's cache, as JSON."""
+        service = self.service
+        counts = {
+            s.labels["result"]: int(s.value)
+            for m in service.metrics.requests.collect()
+            for s in m.samples
+            if s.name.endswith("_total")
+        }
+        return json.dumps(
+            {
+                **service.store.l1_stats(),
+                "l2_nodes": service.store.members(),
+                "requests": counts,
+                "fetches_in_flight": len(service.coalescer.flights),
+                "revalidations_pending": len(service.revalidator.in_progress),
+            },
+            sort_keys=True,
+        )
+
+    @command.command("cache.clear")
+    def clear(self) -> int:
+        """Drop every cached entry in L1 and (in the background) in Valkey; returns L1's count."""
+        store = self.service.store
+        n = store.clear_l1()
+        if store.has_l2:
+            spawn(store.clear_l2(), "clear Valkey")
+        log.info(f"mitmcache: cleared {n} cached URLs from L1" + (" and Valkey" if store.has_l2 else ""))
+        return n
+
+    @command.command("cache.purge")
+    def purge(self, url: str) -> int:
+        """Drop every variant cached for an absolute URL — the origin's, or in reverse mode the
+        one the client used; returns how many keys this proxy's L1 held."""
+        keys = self._keys(url)
+        store = self.service.store
+        removed = store.delete_l1(keys)  # now, so this proxy's next request misses
+        if store.has_l2:
+            spawn(store.delete_l2(keys), "purge in Valkey")
+        self.service.metrics.invalidations.inc(len(keys))
+        return removed
+
+    @command.command("cache.explain")
+    def explain(self, flows: Sequence[flow.Flow]) -> str:
+        """What the cache did for each flow, as JSON: key, tier, age, freshness lifetime, TTL
+        left, stale windows, the variant chosen, and for a MISS why (with the RFC rule)."""
+        out = []
+        for f in flows:
+            if not isinstance(f, http.HTTPFlow):
+                continue
+            outcome = self.http_cache.outcomes.get(f)
+            summary = outcome.summary() if outcome is not None else f.metadata.get(METADATA_KEY)
+            view: dict[str, object] = {"url": f.request.url, "method": f.request.method}
+            if summary is None:
+                view["x-cache-status"] = None
+                view["why"] = "not handled by the cache (only GET and HEAD are looked up)"
+            else:
+                view.update(summary)
+            out.append(view)
+        return json.dumps(out, indent=1)
+
+    @command.command("cache.inspect")
+    def inspect(self, url: str) -> str:
+        """The stored variants of a URL with their metadata (no bodies), as JSON: what this
+        proxy's L1 holds now, and what Valkey held when last asked (each call asks again in
+        the background: commands cannot wait for I/O without stalling the proxy)."""
+        store, now = self.service.store, time.time()
+        views = []
+        for key in self._keys(url):
+            view: dict[str, object] = {"key": key, "l1": _resource_view(store.peek(key, now), now)}
+            if store.has_l2:
+                view["l2"] = self._l2_views.get(key, "pending: run cache.inspect again")
+                spawn(self._read_l2(key), "inspect Valkey")
+            views.append(view)
+        return json.dumps({"url": url, "keys": views}, indent=1)
+
+    async def _read_l2(self, key: str) -> None:
+        resource = await self.service.store.peek_l2(key)
+        self._l2_views[key] = _resource_view(resource, time.time())
+        if len(self._l2_views) > 100:
+            self._l2_views.pop(next(iter(self._l2_views)))

@@ -1,0 +1,101 @@
+"""Option handling shared by the addons: start-up errors as one line, human sizes.
+
+mitmproxy reports an ``OptionsError`` raised while a ``-s`` script loads with a traceback, and
+a non-integer ``--set`` value of an ``int`` option makes it skip the script silently
+(mitmproxy-notes A1.6); and the script loads while the listeners come up, so an ERROR line
+alone lets mitmproxy announce "listening" before its start-up check stops it. So during
+start-up (while mitmproxy's ``errorcheck`` addon is watching) a bad value is logged as one ERROR
+line naming the option and the process exits (status 1) before anything listens; once running,
+the ``OptionsError`` is raised so a live change (mitmweb's options editor, the console) is
+rejected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any, NoReturn
+
+from mitmproxy import ctx, exceptions
+from mitmproxy.utils import asyncio_utils, human
+
+log = logging.getLogger("mitmcache")
+
+def starting_up() -> bool:
+    """True while mitmproxy's errorcheck addon watches start-up (it stops the proxy on an
+    ERROR line before any listener opens)."""
+    master = getattr(ctx, "master", None)
+    checker = master.addons.get("errorcheck") if master is not None else None
+    return checker is not None and checker.logger in logging.getLogger().handlers
+
+
+def stop_startup(message: str) -> NoReturn:
+    """One ERROR line, then exit before any listener opens (status 1)."""
+    log.error(f"mitmcache: {message}")
+    raise SystemExit(1)
+
+
+def report_option_errors[F: Callable[..., None]](configure: F) -> F:
+    """Wrap an addon's ``configure``: at start-up an OptionsError becomes one ERROR line
+    (mitmproxy then exits before listening); later it is raised (the change is rejected)."""
+
+    @functools.wraps(configure)
+    def wrapper(self: Any, updated: set[str]) -> None:
+        try:
+            configure(self, updated)
+        except exceptions.OptionsError as e:
+            if not starting_up():
+                raise
+            stop_startup(str(e))
+
+    return wrapper  # type: ignore[return-value]
+
+
+def reject_unparsable_ints(loader: Any, names: Iterable[str]) -> None:
+    """Call at the end of ``load``: a ``--set name=abc`` for an int option stops start-up with
+    one line naming it (mitmproxy itself would drop the whole script without a word)."""
+    options = loader.master.options
+    for name in names:
+        pending = getattr(options.deferred.get(name), "val", None)  # --set values not yet parsed
+        if not pending:
+            continue
+        try:
+            int(pending[-1])
+        except ValueError:
+            del options.deferred[name]
+            stop_startup(f"{name}: not an integer: {pending[-1]!r}")
+
+
+def parse_size(name: str, value: str, minimum: int = 0) -> int:
+    """A size option in bytes, in mitmproxy's human form (``1048576``, ``256k``, ``256m``,
+    ``1g``). Raises OptionsError naming the option."""
+    try:
+        size = human.parse_size(value.strip().lower())
+    except ValueError:
+        size = None
+    if size is None:
+        raise exceptions.OptionsError(f"{name}: not a size: {value!r} (bytes, or e.g. 256k, 256m, 1g)")
+    if size < minimum:
+        raise exceptions.OptionsError(f"{name}: must be at least {minimum} bytes, not {value!r}")
+    return size
+
+
+def at_least(name: str, minimum: int) -> int:
+    """The int option ``name``, checked to be >= ``minimum``. Raises OptionsError."""
+    value = getattr(ctx.options, name)
+    if value < minimum:
+        raise exceptions.OptionsError(f"{name}: must be >= {minimum}, not {value}")
+    return int(value)
+
+
+def spawn(coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any] | None:
+    """Run a coroutine in the background, held until done (mitmproxy's ``create_task``);
+    closed unrun when no loop runs (e.g. ``configure`` in a synchronous test)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        coro.close()
+        return None
+    return asyncio_utils.create_task(coro, name=f"mitmcache {name}", keep_ref=True)

@@ -1,0 +1,66 @@
+"""The cache key: one builder for requests, §4.4 invalidation, purge and revalidation.
+
+RFC 9111 §2: the primary key is the target URI (scheme, normalised authority, path and
+query). If the request's Host field names another authority than the one the request goes to,
+the origin may answer for that name, so the name joins the key: a client-chosen Host never
+poisons the entry others get.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from . import semantics as sem
+from .messages import Request
+
+
+def split_host_port(authority: str) -> tuple[str, int | None]:
+    """``host[:port]`` (IPv6 in brackets) → (host, port or None); a bad port is None."""
+    authority = authority.strip()
+    if authority.startswith("["):
+        host, _, rest = authority[1:].partition("]")
+        port_s = rest[1:] if rest.startswith(":") else ""
+    else:
+        host, _, port_s = authority.rpartition(":") if authority.count(":") == 1 else (authority, "", "")
+    try:
+        port = int(port_s) if port_s else None
+    except ValueError:
+        port = None
+    return host, port
+
+
+class KeyBuilder:
+    """Builds primary cache keys. The one place where a key is made (operator policies and
+    query normalisation attach here)."""
+
+    def build(self, scheme: str, host: str, port: int | None, path: str, host_header: str | None = None) -> str:
+        """``scheme://authority/path?query``, plus ``\\nhost=NAME`` when the Host field names
+        another authority (a newline never occurs in a request target)."""
+        scheme = scheme.lower()
+        if not path.startswith("/") and path != "*":
+            path = "/" + path
+        target = sem.normalize_authority(scheme, host, port)
+        key = f"{scheme}://{target}{path}"
+        if host_header:
+            h, p = split_host_port(host_header)
+            named = sem.normalize_authority(scheme, h, p if p is not None else sem.default_port(scheme))
+            if named != target:
+                key += f"\nhost={named}"
+        return key
+
+    def for_request(self, req: Request) -> str:
+        return self.build(req.scheme, req.host, req.port, req.path, req.host_header)
+
+    def for_url(self, url: str) -> str | None:
+        """Key of an absolute http(s) URL (invalidation targets, purge), or None if it is not one."""
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError:
+            return None
+        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+            return None
+        path = parts.path or "/"
+        if parts.query:
+            path += "?" + parts.query
+        return self.build(parts.scheme, parts.hostname, port, path)

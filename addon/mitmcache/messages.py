@@ -1,0 +1,53 @@
+"""Plain request and response values: what the pipeline reads, independent of mitmproxy.
+
+A ``Request`` is built once per flow (``addons/http_cache.py``), or from a flow file; a
+``Response`` is an origin's answer (mitmproxy's or the cache's own client's) or what the cache
+sends. Headers are ``(name, value)`` string pairs in wire order, repeated names allowed.
+Times are epoch seconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import semantics as sem
+
+Headers = tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One client request as it goes to the origin.
+
+    ``url`` is the absolute URL the origin is asked for (in reverse mode, the origin's);
+    ``host_header`` is the Host field the client sent, if any (it may name another authority).
+    """
+
+    method: str  # as sent: methods are case-sensitive (RFC 9110 §9.1)
+    scheme: str
+    host: str
+    port: int
+    path: str  # path and query, as in the request target
+    url: str
+    headers: Headers
+    host_header: str | None = None
+    timestamp: float = 0.0
+
+    @property
+    def wants_range(self) -> bool:
+        return sem.header_get(self.headers, "range") is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """A response with its exchange times (RFC 9111 §4.2.3 request_time/response_time).
+
+    ``body`` is None when it was not read whole (larger than the reader's bound).
+    """
+
+    status: int
+    reason: str
+    headers: Headers
+    body: bytes | None
+    request_time: float
+    response_time: float

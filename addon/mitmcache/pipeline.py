@@ -1,0 +1,411 @@
+"""The request pipeline, independent of mitmproxy.
+
+    key → lookup → select variant → decide (``states.on_lookup``)
+        → serve | wait for another fetch (coalesce, lease) | forward (validators added)
+    origin answer → decide (``states.on_response``) → renew (304) | refetch | admit | invalidate
+
+Driven from plain values (``messages.Request`` / ``Response``): the ``HttpCache`` addon builds
+them once per flow; replay and tests build them directly. One ``Exchange`` holds what the
+request decided for its response; one ``Outcome`` records what happened.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, assert_never
+
+from . import responses
+from . import semantics as sem
+from .coalesce import Flight, FlightResult
+from .messages import Request, Response
+from .origin_client import OriginError
+from .outcome import HIT, MISS, STALE, WHY, Outcome, Revalidation
+from .revalidate import Job
+from .semantics import StoredResponse
+from .states import (
+    Admit,
+    Bypass,
+    Forward,
+    GatewayTimeout,
+    Ignore,
+    Invalidate,
+    Refetch,
+    Renew,
+    Revalidate,
+    ServeFresh,
+    ServeStale,
+    ServeWhileRevalidating,
+    on_lookup,
+    on_response,
+)
+from .store import Lease, Resource
+
+if TYPE_CHECKING:
+    from .service import CacheService
+
+log = logging.getLogger("mitmcache")
+
+# What the cache's own client reads of an origin answer it hands to the client unstored.
+FOREGROUND_MAX_BODY = 1 << 30
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One request's passage through the pipeline: what its response will need."""
+
+    request: Request
+    key: str
+    outcome: Outcome
+    directives: sem.RequestDirectives
+    resource: Resource | None = None  # what the lookup found (the URL's variants)
+    revalidating: StoredResponse | None = None  # the stale entry a forwarded request validates
+    reply: Response | None = None  # set when the cache answers itself
+    # Conditional fields the forwarded request carries instead of the client's (§4.3.1).
+    validators: tuple[tuple[str, str], ...] = ()
+    forwarded_at: float | None = None  # RFC 9111 §4.2.3 request_time
+    flight: Flight | None = None  # set while this request leads the fetch of its key
+    lease_token: str | None = None  # set while this request holds the key's fill lease
+    completed: bool = False
+
+
+class Pipeline:
+    def __init__(self, service: CacheService) -> None:
+        self.service = service
+
+    # ------------------------------------------------------------------ request
+
+    async def request(self, req: Request) -> Exchange:
+        """Look the request up and decide. ``reply`` set: answer with it; else forward the
+        request with ``validators`` in place of the client's If-None-Match/If-Modified-Since."""
+        key = self.service.keys.for_request(req)
+        ex = Exchange(req, key, Outcome(key, req.method, req.url), sem.RequestDirectives.from_headers(req.headers))
+        self.service.started(ex.outcome)
+        if req.method not in ("GET", "HEAD"):
+            return ex  # Bypass: the response may invalidate (§4.4)
+        try:
+            await self._lookup_and_decide(ex)
+            # RFC 9111 §4.2.3 request_time: when the request goes upstream, after any coalescing
+            # or lease wait (counting those waits would make stored responses look older).
+            ex.forwarded_at = time.time()
+        except BaseException:
+            # Cancelled (e.g. the client left) or a bug: never leave waiters or a lease behind.
+            await self._finish(ex, FlightResult.FAILED)
+            raise
+        if ex.reply is not None:
+            self.complete(ex)
+        return ex
+
+    async def _lookup_and_decide(self, ex: Exchange) -> None:
+        store, req, outcome = self.service.store, ex.request, ex.outcome
+        now = time.time()
+        lookup = await store.get(ex.key, now)
+        if store.has_l2 and (lookup is None or lookup.tier == "l2"):
+            outcome.time("cache.l2_lookup", now)
+        entry = sem.select_variant(lookup.resource.variants, req.headers) if lookup else None
+        if lookup is not None and lookup.tier == "l1" and store.has_l2 and entry is not None and not entry.is_fresh(now):
+            # A stale near-cache copy: L2 may hold a newer one (another proxy refreshed it).
+            start = time.time()
+            newer = await store.get(ex.key, now, skip_l1=True)
+            outcome.time("cache.l2_lookup", start)
+            if newer is not None:
+                lookup = newer
+                entry = sem.select_variant(lookup.resource.variants, req.headers)
+        if lookup is not None:
+            ex.resource = lookup.resource
+            outcome.tier = lookup.tier
+            outcome.status.detail.append(lookup.tier)
+        state = on_lookup(req.method, lookup is not None, entry, ex.directives, now)
+        match state:
+            case ServeFresh(entry=fresh):
+                self._serve(ex, fresh, now, HIT, "hit")
+            case ServeStale(entry=stale):
+                outcome.status.detail.append("max-stale")
+                self._serve(ex, stale, now, STALE, "stale")
+            case ServeWhileRevalidating(entry=stale):
+                outcome.status.fwd = "stale"
+                outcome.status.detail.append("stale-while-revalidate")
+                # A HEAD can trigger it too: the GET entry is what gets refreshed.
+                queued = self.service.revalidator.enqueue(Job(ex.key, req.url, req.headers, stale, outcome))
+                outcome.status.detail.append(f"reval-{queued}")
+                self._serve(ex, stale, now, STALE, "stale")
+            case GatewayTimeout(fwd=fwd):
+                outcome.status.fwd = fwd
+                outcome.status.detail.append("only-if-cached")
+                outcome.why = WHY["only-if-cached"]
+                ex.reply = responses.gateway_timeout(now)
+                outcome.label, outcome.result = MISS, "miss"
+            case Forward(fwd=fwd):
+                outcome.status.fwd = fwd
+                outcome.why = WHY[fwd]
+                await self._go_upstream(ex, None)
+            case Revalidate(entry=stale, fwd=fwd, reason=reason):
+                outcome.status.fwd = fwd
+                outcome.why = WHY.get(reason, WHY["stale"])
+                await self._go_upstream(ex, stale)
+            case Bypass():
+                pass
+            case _:
+                assert_never(state)
+
+    async def _go_upstream(self, ex: Exchange, stale: StoredResponse | None) -> None:
+        """The origin is needed: wait for another request's fetch, lead one, or revalidate."""
+        req = ex.request
+        if req.wants_range:
+            # Forwarded as it is: the origin answers the range; a 206 is never stored (§3.3),
+            # a full 200 may be.
+            ex.outcome.status.detail.append("range")
+            return
+        if not (ex.directives.no_cache or ex.directives.no_store):
+            if await self._coalesce(ex):
+                return
+        if stale is None or req.method != "GET":
+            return
+        if stale.stale_if_error > 0 and not stale.never_serve_stale and self.service.revalidator.client is not None:
+            # RFC 5861 §4 needs an answer even when the origin is unreachable, which mitmproxy's
+            # forwarding cannot give (mitmproxy-notes §0.5): revalidate with our own client.
+            return await self._refresh_in_foreground(ex, stale)
+        # §4.3.1: the entry's validators replace the client's; its own are answered by us.
+        ex.revalidating = stale
+        ex.validators = tuple(sem.validators_for(stale))
+
+    def _serve(self, ex: Exchange, entry: StoredResponse, now: float, label: str, result: str, hit: bool = True) -> None:
+        """Answer from ``entry`` (a 304 if the client's validators match it, RFC 9110 §13)."""
+        req, outcome = ex.request, ex.outcome
+        not_modified = sem.client_conditional_matches(req.headers, entry)
+        byte_range = None
+        if req.wants_range and not not_modified and req.method == "GET":
+            byte_range = sem.select_range(req.headers, entry)
+            if byte_range is not None:
+                outcome.status.detail.append("range")
+        ex.reply = responses.from_entry(req.method == "HEAD", entry, now, not_modified, byte_range)
+        outcome.status.hit = hit
+        outcome.status.ttl = int(entry.ttl(now))
+        outcome.label, outcome.result = label, result
+        outcome.entry, outcome.age, outcome.not_modified = entry, entry.age(now), not_modified
+
+    # ------------------------------------------------------------------ coalescing
+
+    async def _coalesce(self, ex: Exchange) -> bool:
+        """Wait for another request's fetch of this key, or lead one. True if answered."""
+        service = self.service
+        for _ in range(3):
+            flight = service.coalescer.current(ex.key)
+            if flight is None:
+                if ex.request.method != "GET":
+                    return False  # a HEAD cannot fill the GET entry, so it never leads
+                ex.flight = service.coalescer.lead(ex.key)
+                return await self._lease(ex)
+            service.metrics.coalesced.inc()
+            start = time.time()
+            waited = await service.coalescer.wait(flight, service.settings.coalesce_wait)
+            ex.outcome.time("cache.coalesce_wait", start)
+            if waited is None:
+                return False  # waited long enough: go alone
+            result, resource = waited
+            if result is FlightResult.FAILED:
+                continue  # the leader failed or left: someone else leads now
+            if resource is None or result is FlightResult.NOT_SHAREABLE:
+                return False
+            entry = sem.select_variant(resource.variants, ex.request.headers)
+            if entry is None:
+                continue  # another Vary variant was fetched: one of us leads the fetch of ours
+            return self._serve_collapsed(ex, entry, result, None)
+        return False
+
+    async def _lease(self, ex: Exchange) -> bool:
+        """Across proxies: take the key's fill lease, or wait for the proxy that holds it."""
+        store, settings, metrics = self.service.store, self.service.settings, self.service.metrics
+        if not store.has_l2:
+            return False
+        token = uuid.uuid4().hex
+        lease = await store.acquire_lease(ex.key, token, settings.lease_ms)
+        if lease is Lease.ACQUIRED:
+            ex.lease_token = token
+            return False
+        if lease is Lease.UNAVAILABLE:
+            return False
+        metrics.lease_waits.inc()
+        start = time.time()
+        resource, why = await store.wait_for_fill(ex.key, settings.lease_ms / 1000, known=ex.resource)
+        ex.outcome.time("cache.lease_wait", start)
+        if why == "timeout":
+            metrics.lease_timeouts.inc()
+        entry = sem.select_variant(resource.variants, ex.request.headers) if resource is not None else None
+        if entry is not None and self._serve_collapsed(ex, entry, FlightResult.STORED, "lease-wait"):
+            await self._finish(ex, FlightResult.STORED, resource)
+            return True
+        return False  # fetch ourselves; our local waiters keep waiting for us
+
+    def _serve_collapsed(self, ex: Exchange, entry: StoredResponse, result: FlightResult, detail: str | None) -> bool:
+        """Answer from another request's fetch (``entry``: this request's variant of it)."""
+        now, status = time.time(), ex.outcome.status
+        if result is FlightResult.STALE_IF_ERROR:
+            if not sem.may_serve_stale_if_error(entry, ex.directives, now):
+                return False
+            status.fwd = "stale"
+            status.detail += [d for d in (detail, "stale-if-error") if d]
+            ex.outcome.stale_if_error = True
+            self._serve(ex, entry, now, STALE, "stale", hit=False)
+            return True
+        if sem.decide(entry, ex.directives, now).use is not sem.Use.FRESH:
+            return False  # e.g. no-cache: every use needs its own validation
+        status.collapsed = True
+        if detail:
+            status.detail.append(detail)
+        self._serve(ex, entry, now, MISS, "miss", hit=False)
+        return True
+
+    async def _finish(self, ex: Exchange, result: FlightResult, resource: Resource | None = None) -> None:
+        """Wake this request's waiters and release its lease (idempotent)."""
+        if ex.flight is not None:
+            self.service.coalescer.finish(ex.key, ex.flight, result, resource)
+            ex.flight = None
+        if ex.lease_token is not None:
+            token, ex.lease_token = ex.lease_token, None
+            await self.service.store.release_lease(ex.key, token)
+
+    # ------------------------------------------------------------------ stale-if-error path
+
+    async def _refresh_in_foreground(self, ex: Exchange, stale: StoredResponse) -> None:
+        req, outcome, service = ex.request, ex.outcome, self.service
+        record = Revalidation(ex.key, req.url, False, time.time(), cause=outcome)
+        result = await service.revalidator.refresh(
+            Job(ex.key, req.url, req.headers, stale, outcome), max_body=FOREGROUND_MAX_BODY, base=ex.resource
+        )
+        outcome.time("cache.origin_fetch", record.started)
+        record.outcome = result.outcome
+        service.revalidated(record)
+        now = time.time()
+        if result.fetched is not None:
+            outcome.status.fwd_status = result.fetched.status
+        if result.entry is not None:
+            resource = (ex.resource or Resource(())).with_variant(result.entry)
+            outcome.status.stored = True
+            if result.outcome == "304":
+                self._serve(ex, result.entry, now, HIT, "revalidated", hit=False)
+            else:
+                self._serve(ex, result.entry, now, MISS, "miss", hit=False)
+            await self._finish(ex, FlightResult.STORED, resource)
+            return
+        if result.outcome == "error" and sem.may_serve_stale_if_error(stale, ex.directives, now):
+            outcome.status.detail.append("stale-if-error")
+            outcome.stale_if_error = True
+            self._serve(ex, stale, now, STALE, "stale", hit=False)
+            await self._finish(ex, FlightResult.STALE_IF_ERROR, ex.resource)
+            return
+        # Hand the origin's own answer to the client (not stored), or a 502 if there was none.
+        ex.reply = responses.from_origin(result.fetched, result.error)
+        outcome.label, outcome.result = MISS, "miss"
+        if result.outcome == "kept":
+            outcome.not_stored = result.error
+        await self._finish(ex, FlightResult.NOT_SHAREABLE)
+
+    # ------------------------------------------------------------------ response
+
+    async def response(self, ex: Exchange, resp: Response) -> Response | None:
+        """The origin's answer to a forwarded request: store, renew or invalidate.
+
+        Returns the response to send instead of the origin's (a renewed entry after a 304, an
+        unconditional refetch), or None to send the origin's as it is."""
+        if ex.reply is not None:
+            return None  # answered from the cache in the request hook
+        try:
+            return await self._on_response(ex, resp)
+        finally:
+            await self._finish(ex, FlightResult.NOT_SHAREABLE)  # no-op if already finished
+            self.complete(ex)
+
+    async def error(self, ex: Exchange) -> None:
+        """The forwarded request failed (no response): waiters elect a new leader."""
+        await self._finish(ex, FlightResult.FAILED)
+        self.complete(ex)
+
+    def complete(self, ex: Exchange) -> None:
+        """Hand the finished outcome to the observers, once."""
+        if not ex.completed:
+            ex.completed = True
+            self.service.finished(ex.outcome)
+
+    async def _on_response(self, ex: Exchange, resp: Response) -> Response | None:
+        service, req, outcome = self.service, ex.request, ex.outcome
+        now = time.time()
+        # RFC 9111 §4.2.3: request_time is when the request went upstream.
+        resp = dataclasses.replace(resp, request_time=ex.forwarded_at or resp.request_time)
+        if ex.forwarded_at is not None:
+            outcome.time("cache.origin_fetch", ex.forwarded_at)
+        state = on_response(req.method, req.url, ex.revalidating, resp.status, resp.headers)
+        replacement: Response | None = None
+        match state:
+            case Bypass() | Ignore():
+                return None
+            case Invalidate(urls=urls):
+                keys = [ex.key] + [k for u in urls[1:] if (k := service.keys.for_url(u)) and k != ex.key]
+                removed = await service.invalidate(keys)
+                log.debug(f"mitmcache: {req.method} {resp.status} invalidated {keys} ({removed} cached)")
+                return None
+            case Renew(entry=stale):
+                service.metrics.revalidations.labels("304").inc()
+                outcome.status.fwd_status = 304
+                admission = await service.admit(ex.key, "GET", req.headers, resp, ex.resource, now, revalidated=stale)
+                assert admission.entry is not None  # a 304 merge always builds the entry
+                outcome.status.stored = admission.resource is not None
+                self._serve(ex, admission.entry, now, HIT, "revalidated", hit=False)
+                await self._finish(ex, FlightResult.STORED if admission.resource else FlightResult.NOT_SHAREABLE, admission.resource)
+                return ex.reply
+            case Refetch():
+                service.bad_input("304-mismatch", f"304 for {ex.key!r} names other validators")
+                fetched, error = await self._refetch_unconditionally(ex)
+                replacement = responses.from_origin(fetched, error)
+                resp = fetched if fetched is not None and fetched.body is not None else replacement
+                now = time.time()
+            case Admit():
+                if ex.revalidating is not None and req.method == "GET":
+                    service.metrics.revalidations.labels("200" if resp.status < 400 else "error").inc()
+            case _:
+                assert_never(state)
+
+        if req.method == "HEAD" and resp.status == 200 and ex.resource is not None:
+            await self._freshen_from_head(ex, resp, now)
+        outcome.status.fwd = outcome.status.fwd or "uri-miss"
+        outcome.status.fwd_status = resp.status
+        resource = None
+        if req.method == "GET":
+            admission = await service.admit(ex.key, "GET", req.headers, resp, ex.resource, now)
+            resource = admission.resource
+            if resource is not None and admission.entry is not None:
+                outcome.status.stored = True
+                outcome.status.ttl = int(admission.entry.ttl(now))
+                outcome.entry = admission.entry
+            elif admission.reason:
+                outcome.status.detail.append(admission.reason)
+                outcome.not_stored = admission.reason
+        await self._finish(ex, FlightResult.STORED if resource else FlightResult.NOT_SHAREABLE, resource)
+        outcome.label, outcome.result = MISS, "miss"
+        return replacement
+
+    async def _refetch_unconditionally(self, ex: Exchange) -> tuple[Response | None, str | None]:
+        """Ask the origin again without validators, with the cache's own client."""
+        client = self.service.revalidator.client
+        if client is None:
+            return None, "no origin client"
+        headers = [(k, v) for k, v in ex.request.headers if k.lower() not in ("if-none-match", "if-modified-since")]
+        try:
+            return await client.fetch("GET", ex.request.url, headers, FOREGROUND_MAX_BODY), None
+        except OriginError as e:
+            return None, str(e)
+
+    async def _freshen_from_head(self, ex: Exchange, resp: Response, now: float) -> None:
+        """A forwarded HEAD's 200 updates (or marks stale) the stored GET response (§4.3.5)."""
+        assert ex.resource is not None
+        entry = sem.select_variant(ex.resource.variants, ex.request.headers)
+        if entry is None:
+            return
+        updated = sem.freshen_with_head(
+            entry, resp.headers, resp.request_time, resp.response_time or now, self.service.settings.heuristic_cap
+        )
+        if await self.service.freshen(ex.key, updated, ex.resource, now) is not None:
+            ex.outcome.status.detail.append("head-freshened" if updated.freshness else "head-marked-stale")

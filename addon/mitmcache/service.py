@@ -1,0 +1,139 @@
+"""The cache service: one object that owns the store, the coalescer, the revalidator, the key
+builder and the observers, with no mitmproxy imports. Addons configure it; the pipeline and
+the revalidator work through it.
+
+``admit`` is the one path by which an origin's answer enters the store (the response hook,
+background revalidation, stale-if-error, and replay warm-up all call it).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from . import semantics as sem
+from .coalesce import Coalescer
+from .keys import KeyBuilder
+from .messages import Headers, Response
+from .metrics import Metrics
+from .outcome import MetricsObserver, Observer, Outcome, Revalidation
+from .pipeline import Pipeline
+from .revalidate import Revalidator
+from .semantics import StoredResponse
+from .store import Resource, TieredStore
+
+log = logging.getLogger("mitmcache")
+
+BAD_INPUT_LOG_INTERVAL = 60.0  # seconds between two log lines of one kind of bad input
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """What the pipeline reads of the options (compiled by the addons' ``configure``)."""
+
+    max_object_bytes: int = 10485760  # bytes; larger bodies pass through unstored
+    heuristic_cap: float = sem.DEFAULT_HEURISTIC_CAP  # seconds (RFC 9111 §4.2.2)
+    coalesce_wait: float = 15.0  # seconds a request waits for another's fetch
+    lease_ms: int = 5000  # milliseconds a fill lease lives in Valkey
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """What ``admit`` did. ``entry``: the response built for storing (also when no tier took
+    it); ``resource``: the URL's variants as stored, None when not stored, with ``reason`` (a
+    Cache-Status detail: ``no-store``, ``private``, … ``too-large-for-l1``)."""
+
+    entry: StoredResponse | None
+    resource: Resource | None
+    reason: str | None = None
+
+
+class CacheService:
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        self.metrics = metrics or Metrics()
+        self.settings = Settings()
+        self.keys = KeyBuilder()
+        self.store = TieredStore(self.metrics, 268435456)
+        self.coalescer = Coalescer()
+        self.revalidator = Revalidator(self)
+        self.observers: list[Observer] = [MetricsObserver(self.metrics)]
+        self.pipeline = Pipeline(self)
+        self._bad_input_logged: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ the store path
+
+    async def admit(
+        self,
+        key: str,
+        method: str,
+        request_headers: Headers,
+        response: Response,
+        base: Resource | None,
+        now: float,
+        revalidated: StoredResponse | None = None,
+    ) -> Admission:
+        """Store an origin's answer to ``method key`` if RFC 9111 allows it.
+
+        ``revalidated`` is the stored response a 304 answers (§4.3.4: merged per §3.2, then
+        stored); otherwise the answer is checked for storability (§3) and stored next to the
+        URL's other variants in ``base`` (what the request saw; None: what L1 holds).
+        """
+        for kind in sem.malformed_fields(response.headers):
+            self.bad_input(kind, f"{sem.header_get(response.headers, kind)!r} for {key!r}")
+        if revalidated is not None and response.status == 304:
+            entry = sem.merge_304(
+                revalidated, response.headers, response.request_time, response.response_time, self.settings.heuristic_cap
+            )
+        else:
+            body = response.body
+            reason = sem.storability(
+                method, response.status, request_headers, response.headers,
+                len(body) if body is not None else None, self.settings.max_object_bytes,
+            )
+            if reason is not None:
+                return Admission(None, None, reason.value)
+            assert body is not None
+            entry = sem.make_stored_response(
+                response.status, response.reason, request_headers, response.headers, body,
+                response.request_time, response.response_time, self.settings.heuristic_cap,
+            )
+            if entry.retain_until() <= now:
+                return Admission(None, None, sem.NotStorable.NOT_CACHEABLE.value)
+        resource = await self.store.put(key, entry, now, base=base)
+        if resource is None:
+            return Admission(entry, None, "too-large-for-l1")
+        return Admission(entry, resource)
+
+    async def freshen(self, key: str, entry: StoredResponse, base: Resource | None, now: float) -> Resource | None:
+        """Store an entry updated in place (§4.3.5 HEAD freshening) next to its variants."""
+        return await self.store.put(key, entry, now, base=base)
+
+    async def invalidate(self, keys: list[str]) -> int:
+        """Drop every variant of ``keys`` from L1 and L2 (§4.4, purge); returns L1's count."""
+        removed = await self.store.delete(keys)
+        self.metrics.invalidations.inc(len(keys))
+        return removed
+
+    # ------------------------------------------------------------------ observers
+
+    def started(self, outcome: Outcome) -> None:
+        for observer in self.observers:
+            observer.started(outcome)
+
+    def finished(self, outcome: Outcome) -> None:
+        for observer in self.observers:
+            observer.finished(outcome)
+
+    def revalidated(self, record: Revalidation) -> None:
+        record.ended = record.ended or time.time()
+        for observer in self.observers:
+            observer.revalidated(record)
+
+    def bad_input(self, kind: str, message: str) -> None:
+        """Count malformed input; log it, at most once a minute per kind (no log floods)."""
+        self.metrics.bad_input.labels(kind).inc()
+        now = time.monotonic()
+        if now - self._bad_input_logged.get(kind, -BAD_INPUT_LOG_INTERVAL) >= BAD_INPUT_LOG_INTERVAL:
+            self._bad_input_logged[kind] = now
+            log.info(f"mitmcache: malformed {kind}: {message} (counted in mitmcache_bad_input_total)")
