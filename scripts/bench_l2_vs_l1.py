@@ -7,7 +7,11 @@ Starts a local origin, a 3-node Valkey ring and three proxies side by side:
 then drives the same hot URL through each with keep-alive connections, alternating rounds,
 and prints throughput, latency and the ratios l1/base and l2/l1. A benchmark, not a test.
 
-    .venv/bin/python scripts/bench_l2_vs_l1.py [--seconds 5] [--rounds 3] [--conns 8] [--size 1024]
+With ``--before DIR`` (a checkout of another commit, e.g. ``git worktree add /tmp/before HEAD~1``)
+a fourth proxy runs that checkout's addon in L1 mode, side by side, and the ratio l1/l1-before
+(median and spread of the per-round ratios) says what the change did to the hit path.
+
+    .venv/bin/python scripts/bench_l2_vs_l1.py [--seconds 5] [--rounds 3] [--conns 8] [--size 1024] [--before DIR]
 """
 
 from __future__ import annotations
@@ -67,7 +71,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--conns", type=int, default=8)
     parser.add_argument("--size", type=int, default=1024, help="response body bytes")
+    parser.add_argument("--before", type=Path, help="a checkout whose addon runs as 'l1-before' (L1 only)")
     args = parser.parse_args()
+    if args.before is not None and not (args.before / "addon" / "mitmcache_addon.py").is_file():
+        parser.error(f"--before: no addon/mitmcache_addon.py in {args.before}")
 
     origin = start_origin()
     nodes = start_nodes(3)
@@ -79,14 +86,20 @@ def main() -> None:
         "l1": start_proxy(tmp / "l1", f"reverse:{origin.url}"),
         "l2": start_proxy(tmp / "l2", f"reverse:{origin.url}", f"cache_valkey_urls={urls}", "cache_l1_ttl=0"),
     }
+    if args.before is not None:
+        proxies["l1-before"] = start_proxy(
+            tmp / "before", f"reverse:{origin.url}", script=args.before / "addon" / "mitmcache_addon.py"
+        )
     path = f"/bench?cc=max-age%3D3600&size={args.size}"
     results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in proxies}
     try:
         for proxy in proxies.values():
             proxy.client().get(path)  # fill
             asyncio.run(load(proxy.port, path, 1.0, args.conns))  # warm up
+        names = list(proxies)
         for r in range(args.rounds):
-            for name, proxy in proxies.items():
+            for name in names[r % len(names):] + names[: r % len(names)]:  # rotate the order each round
+                proxy = proxies[name]
                 rps, p50, p99 = asyncio.run(load(proxy.port, path, args.seconds, args.conns))
                 results[name].append((rps, p50, p99))
                 print(f"round {r + 1} {name}: {rps:8.0f} req/s  p50 {p50:6.2f} ms  p99 {p99:6.2f} ms")
@@ -104,6 +117,12 @@ def main() -> None:
     print(f"ratio l1/base throughput: {med['l1'] / med['base']:.3f}  (what the cache's hit path costs)")
     print(f"ratio l2/l1 throughput:   {med['l2'] / med['l1']:.3f}")
     print(f"ratio l2/l1 p50 latency:  {p50['l2'] / p50['l1']:.3f}")
+    if "l1-before" in results:
+        per_round = sorted(a[0] / b[0] for a, b in zip(results["l1"], results["l1-before"]))
+        print(
+            f"ratio l1/l1-before throughput: median {statistics.median(per_round):.3f} "
+            f"(rounds {per_round[0]:.3f}..{per_round[-1]:.3f}); medians {med['l1']:.0f} vs {med['l1-before']:.0f} req/s"
+        )
 
 
 if __name__ == "__main__":

@@ -37,6 +37,17 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeou
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """Terminate a child we started (by its PID), kill it if it does not exit within 10 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
 @dataclass
 class Proxy:
     """A running ``mitmdump -s addon/mitmcache_addon.py``."""
@@ -71,12 +82,7 @@ class Proxy:
         """Stop mitmdump and return its output; an addon exception in it fails the test."""
         for c in self.clients:
             c.close()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        stop_process(self.proc)
         if self.output is None:
             self.output = self.proc.stdout.read().decode(errors="replace") if self.proc.stdout else ""
             assert "Addon error" not in self.output, self.output[-5000:]

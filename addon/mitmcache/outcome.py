@@ -84,14 +84,13 @@ class Outcome:
         return float(self.status.ttl) if self.status.ttl is not None else None
 
     def comment(self) -> str:
-        """The one-line summary shown in mitmweb's flow list."""
-        parts = [f"cache {self.label}{' 304' if self.not_modified else ''}"]
+        """The one-line summary shown in mitmweb's flow list, e.g. ``cache HIT (l1, age=3s)``."""
         if self.result == "revalidated":
-            parts.append("revalidated")
-        facts = self.status.render()
+            return f"cache {self.label} revalidated ({self.status.render()})"
         if self.age is not None:
-            facts += f", age={int(self.age)}s"
-        return f"{' '.join(parts)} ({facts})"
+            not_modified = " 304" if self.not_modified else ""
+            return f"cache {self.label}{not_modified} ({'/'.join(self.status.detail)}, age={int(self.age)}s)"
+        return f"cache {self.label} ({self.status.render()})"
 
     def summary(self) -> dict[str, object]:
         """Plain values for ``flow.metadata`` (written to flow files) and ``cache.explain``."""
@@ -119,6 +118,7 @@ class Outcome:
             out["why"] = self.why
         if self.not_stored:
             out["not_stored"] = self.not_stored
+            out["not_stored_why"] = WHY.get(self.not_stored, self.not_stored)
         return out
 
 

@@ -835,7 +835,7 @@ def invalidation_targets(method: str, status: int, target_url: str, response_hea
     URIs in Location and Content-Location (absolute or relative to the target), but only when
     those share the target's origin. The caller turns them into keys (``keys.KeyBuilder``).
     """
-    if method.upper() in SAFE_METHODS or not 200 <= status < 400:
+    if method in SAFE_METHODS or not 200 <= status < 400:  # case-sensitive (RFC 9110 §9.1)
         return []
     urls = [target_url]
     for name in ("location", "content-location"):

@@ -61,6 +61,7 @@ def test_for_url_rejects_what_is_not_an_absolute_http_url(url: str) -> None:
         pytest.param("PURGEME", 200, [], ["http://o.example/r"], id="custom unsafe method"),
         pytest.param("POST", 403, [], [], id="error status does not"),
         pytest.param("GET", 200, [], [], id="safe method does not"),
+        pytest.param("get", 200, [], ["http://o.example/r"], id="lower-case get is not GET: unknown, so unsafe"),
         pytest.param("POST", 201, [("Location", "/other")], ["http://o.example/r", "http://o.example/other"], id="relative Location"),
         pytest.param("PUT", 200, [("Content-Location", "http://O.example:80/c")], ["http://o.example/r", "http://o.example/c"], id="absolute same-origin Content-Location"),
         pytest.param("POST", 201, [("Location", "http://evil.example/r2")], ["http://o.example/r"], id="cross-origin Location ignored"),

@@ -9,7 +9,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from mitmproxy import command, ctx, exceptions, flow, http
 from mitmproxy.proxy import mode_specs
@@ -82,15 +82,18 @@ class Admin:
     # ------------------------------------------------------------------ keys from URLs
 
     def _keys(self, url: str) -> list[str]:
-        """Keys a URL may name: as given, and — when it is one of this proxy's reverse-mode
-        listeners (the URL the client used) — the origin's URL the entry is stored under."""
+        """Keys a URL may name. When its port is one of this proxy's reverse-mode listeners
+        (the URL the client used), first the key of the origin's URL the entry is stored under
+        (with the client's authority joined in when ``keep_host_header`` passes it upstream);
+        then the URL as given (it may be an origin's own URL)."""
         keys = self.service.keys
         key = keys.for_url(url)
         if key is None:
             raise exceptions.CommandError(f"not an absolute http(s) URL: {url!r}")
-        out = [key]
+        out: list[str] = []
         parts = urlsplit(url)
         port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         for spec in getattr(ctx.options, "mode", []):
             try:
                 mode = mode_specs.ProxyMode.parse(spec)
@@ -98,11 +101,12 @@ class Admin:
                 continue
             if isinstance(mode, mode_specs.ReverseMode) and mode.listen_port(ctx.options.listen_port) == port:
                 host, origin_port = mode.address
-                netloc = f"[{host}]:{origin_port}" if ":" in host else f"{host}:{origin_port}"
-                origin_url = urlunsplit((mode.scheme, netloc, parts.path, parts.query, ""))
-                origin_key = keys.for_url(origin_url)
-                if origin_key is not None and origin_key not in out:
+                host_header = parts.netloc.rpartition("@")[2] if getattr(ctx.options, "keep_host_header", False) else None
+                origin_key = keys.build(mode.scheme, host, origin_port, path, host_header)
+                if origin_key not in out:
                     out.append(origin_key)
+        if key not in out:
+            out.append(key)
         return out
 
     # ------------------------------------------------------------------ commands
@@ -167,7 +171,7 @@ class Admin:
             else:
                 view.update(summary)
             out.append(view)
-        return json.dumps(out, indent=1)
+        return json.dumps(out, indent=1, ensure_ascii=False)
 
     @command.command("cache.inspect")
     def inspect(self, url: str) -> str:
@@ -182,7 +186,7 @@ class Admin:
                 view["l2"] = self._l2_views.get(key, "pending: run cache.inspect again")
                 spawn(self._read_l2(key), "inspect Valkey")
             views.append(view)
-        return json.dumps({"url": url, "keys": views}, indent=1)
+        return json.dumps({"url": url, "keys": views}, indent=1, ensure_ascii=False)
 
     async def _read_l2(self, key: str) -> None:
         resource = await self.service.store.peek_l2(key)
