@@ -8,10 +8,28 @@ poisons the entry others get.
 
 from __future__ import annotations
 
+import re
 from urllib.parse import urlsplit
 
 from . import semantics as sem
 from .messages import Request
+
+
+_PCT = re.compile(r"%([0-9A-Fa-f]{2})")
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+
+def _normalize_pct(match: re.Match[str]) -> str:
+    """RFC 3986 §6.2.2.1/§6.2.2.2: %xx in upper case; unreserved characters decoded."""
+    byte = int(match.group(1), 16)
+    return chr(byte) if byte in _UNRESERVED else f"%{byte:02X}"
+
+
+def normalize_target(path: str) -> str:
+    """One spelling per URI for the key: ``/caf%c3%a9`` and ``/caf%C3%A9`` are one URI, and so
+    are ``/%7Euser`` and ``/~user`` (RFC 3986 §6.2.2). Only keys use it; what goes upstream is
+    sent as the client sent it."""
+    return _PCT.sub(_normalize_pct, path) if "%" in path else path
 
 
 def split_host_port(authority: str) -> tuple[str, int | None]:
@@ -39,6 +57,7 @@ class KeyBuilder:
         scheme = scheme.lower()
         if not path.startswith("/") and path != "*":
             path = "/" + path
+        path = normalize_target(path)
         target = sem.normalize_authority(scheme, host, port)
         key = f"{scheme}://{target}{path}"
         if host_header:

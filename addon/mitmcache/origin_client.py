@@ -24,6 +24,10 @@ class OriginError(Exception):
     """The origin could not be reached or did not answer in time."""
 
 
+def _wire(value: str) -> bytes:
+    return value.encode("utf-8", "surrogateescape")
+
+
 def tls_verification(insecure: bool, ca_file: str | None, ca_dir: str | None) -> bool | ssl.SSLContext:
     if insecure:
         return False
@@ -40,15 +44,23 @@ class OriginClient:
             limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
         )
 
-    async def fetch(self, method: str, url: str, headers: list[tuple[str, str]], max_body: int | None) -> Response:
+    async def fetch(
+        self, method: str, url: str, headers: list[tuple[str, str]], max_body: int | None, target: bytes | None = None
+    ) -> Response:
         """One request; a body over ``max_body`` bytes is dropped (None), None = no limit.
 
+        ``target``: the request target to send byte for byte (httpx would re-encode ``url``'s);
+        header values go out as the bytes they were received as.
         Raises OriginError when the origin cannot be reached or does not answer in time."""
         limit = max_body if max_body is not None else float("inf")
         # A bare httpx.Request: no client default headers (e.g. Accept-Encoding) sneak in and
         # change the representation that gets stored under the client's Vary values.
-        fields = [(k, v) for k, v in headers if k.lower() not in _DROP]
-        request = httpx.Request(method, url, headers=fields)
+        # mitmproxy decodes header bytes as UTF-8 with surrogateescape: encode them back.
+        fields = [(_wire(k), _wire(v)) for k, v in headers if k.lower() not in _DROP]
+        try:
+            request = httpx.Request(method, url, headers=fields, extensions={"target": target} if target else None)
+        except (httpx.InvalidURL, ValueError) as e:
+            raise OriginError(f"cannot request {url!r}: {e}") from e
         request_time = time.time()
         try:
             response = await self._client.send(request, stream=True)
@@ -69,7 +81,11 @@ class OriginClient:
         return Response(
             status=response.status_code,
             reason=response.reason_phrase,
-            headers=tuple(response.headers.multi_items()),
+            # Header bytes as received (httpx decodes them as Latin-1 when they are not ASCII).
+            headers=tuple(
+                (k.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
+                for k, v in response.headers.raw
+            ),
             body=body,
             request_time=request_time,
             response_time=time.time(),

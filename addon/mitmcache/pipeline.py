@@ -66,6 +66,9 @@ class Exchange:
     reply: Response | None = None  # set when the cache answers itself
     # Conditional fields the forwarded request carries instead of the client's (§4.3.1).
     validators: tuple[tuple[str, str], ...] = ()
+    # The client's If-None-Match/If-Modified-Since stay here: the cache fetches a full response
+    # to store and answers them itself (a cold conditional request fills the cache, like Varnish).
+    strip_conditionals: bool = False
     forwarded_at: float | None = None  # RFC 9111 §4.2.3 request_time
     flight: Flight | None = None  # set while this request leads the fetch of its key
     lease_token: str | None = None  # set while this request holds the key's fill lease
@@ -129,7 +132,9 @@ class Pipeline:
                 outcome.status.fwd = "stale"
                 outcome.status.detail.append("stale-while-revalidate")
                 # A HEAD can trigger it too: the GET entry is what gets refreshed.
-                queued = self.service.revalidator.enqueue(Job(ex.key, req.url, req.headers, stale, outcome))
+                queued = self.service.revalidator.enqueue(
+                    Job(ex.key, req.url, req.headers, stale, outcome, _target(req))
+                )
                 outcome.status.detail.append(f"reval-{queued}")
                 self._serve(ex, stale, now, STALE, "stale")
             case GatewayTimeout(fwd=fwd):
@@ -162,7 +167,10 @@ class Pipeline:
         if not (ex.directives.no_cache or ex.directives.no_store):
             if await self._coalesce(ex):
                 return
-        if stale is None or req.method != "GET":
+        if req.method != "GET":
+            return
+        ex.strip_conditionals = sem.has_client_conditionals(req.headers)
+        if stale is None:
             return
         if stale.stale_if_error > 0 and not stale.never_serve_stale and self.service.revalidator.client is not None:
             # RFC 5861 §4 needs an answer even when the origin is unreachable, which mitmproxy's
@@ -274,7 +282,8 @@ class Pipeline:
         req, outcome, service = ex.request, ex.outcome, self.service
         record = Revalidation(ex.key, req.url, False, time.time(), cause=outcome)
         result = await service.revalidator.refresh(
-            Job(ex.key, req.url, req.headers, stale, outcome), max_body=FOREGROUND_MAX_BODY, base=ex.resource
+            Job(ex.key, req.url, req.headers, stale, outcome, _target(req)), max_body=FOREGROUND_MAX_BODY,
+            base=ex.resource,
         )
         outcome.time("cache.origin_fetch", record.started)
         record.outcome = result.outcome
@@ -287,6 +296,7 @@ class Pipeline:
             outcome.status.stored = True
             if result.outcome == "304":
                 self._serve(ex, result.entry, now, HIT, "revalidated", hit=False)
+                _add_cookies(ex, result.fetched)
             else:
                 self._serve(ex, result.entry, now, MISS, "miss", hit=False)
             await self._finish(ex, FlightResult.STORED, resource)
@@ -353,7 +363,11 @@ class Pipeline:
                 admission = await service.admit(ex.key, "GET", req.headers, resp, ex.resource, now, revalidated=stale)
                 assert admission.entry is not None  # a 304 merge always builds the entry
                 outcome.status.stored = admission.resource is not None
+                if admission.reason:
+                    outcome.status.detail.append(admission.reason)
+                    outcome.not_stored = admission.reason
                 self._serve(ex, admission.entry, now, HIT, "revalidated", hit=False)
+                _add_cookies(ex, resp)
                 await self._finish(ex, FlightResult.STORED if admission.resource else FlightResult.NOT_SHAREABLE, admission.resource)
                 return ex.reply
             case Refetch():
@@ -364,7 +378,7 @@ class Pipeline:
                 now = time.time()
             case Admit():
                 if ex.revalidating is not None and req.method == "GET":
-                    service.metrics.revalidations.labels("200" if resp.status < 400 else "error").inc()
+                    service.metrics.revalidations.labels("200" if resp.status < 500 else "error").inc()
             case _:
                 assert_never(state)
 
@@ -373,7 +387,12 @@ class Pipeline:
         outcome.status.fwd = outcome.status.fwd or "uri-miss"
         outcome.status.fwd_status = resp.status
         resource = None
-        if req.method == "GET":
+        if req.method == "GET" and ex.revalidating is not None and resp.status >= 500:
+            # §4.3.3: the cache may act as if the origin had not answered: the stored response
+            # stays (a 5xx never replaces it, whatever freshness it claims).
+            outcome.status.detail.append("kept-stored")
+            outcome.not_stored = "status"
+        elif req.method == "GET":
             admission = await service.admit(ex.key, "GET", req.headers, resp, ex.resource, now)
             resource = admission.resource
             if resource is not None and admission.entry is not None:
@@ -385,6 +404,10 @@ class Pipeline:
                 outcome.not_stored = admission.reason
         await self._finish(ex, FlightResult.STORED if resource else FlightResult.NOT_SHAREABLE, resource)
         outcome.label, outcome.result = MISS, "miss"
+        if ex.strip_conditionals and outcome.entry is not None and resource is not None:
+            # The client's own conditionals, answered from what was just stored (304 or 200).
+            self._serve(ex, outcome.entry, now, MISS, "miss", hit=False)
+            return ex.reply
         return replacement
 
     async def _refetch_unconditionally(self, ex: Exchange) -> tuple[Response | None, str | None]:
@@ -394,7 +417,7 @@ class Pipeline:
             return None, "no origin client"
         headers = [(k, v) for k, v in ex.request.headers if k.lower() not in ("if-none-match", "if-modified-since")]
         try:
-            return await client.fetch("GET", ex.request.url, headers, FOREGROUND_MAX_BODY), None
+            return await client.fetch("GET", ex.request.url, headers, FOREGROUND_MAX_BODY, _target(ex.request)), None
         except OriginError as e:
             return None, str(e)
 
@@ -404,8 +427,24 @@ class Pipeline:
         entry = sem.select_variant(ex.resource.variants, ex.request.headers)
         if entry is None:
             return
+        settings = self.service.settings
         updated = sem.freshen_with_head(
-            entry, resp.headers, resp.request_time, resp.response_time or now, self.service.settings.heuristic_cap
+            entry, resp.headers, resp.request_time, resp.response_time or now, settings.heuristic_cap, settings.targets
         )
         if await self.service.freshen(ex.key, updated, ex.resource, now) is not None:
             ex.outcome.status.detail.append("head-freshened" if updated.freshness else "head-marked-stale")
+
+
+def _target(req: Request) -> bytes:
+    """The request target as the client sent it (mitmproxy decoded it with surrogateescape)."""
+    return req.path.encode("utf-8", "surrogateescape")
+
+
+def _add_cookies(ex: Exchange, origin: Response | None) -> None:
+    """The client whose request got the 304 receives its Set-Cookie; the stored entry never
+    holds one (RFC 9111 §3.2 merge, RFC 6265 §8.2)."""
+    if ex.reply is None or origin is None:
+        return
+    cookies = tuple((k, v) for k, v in origin.headers if k.lower() in sem.NOT_SHARED)
+    if cookies:
+        ex.reply = dataclasses.replace(ex.reply, headers=ex.reply.headers + cookies)

@@ -12,6 +12,7 @@ a 4xx/5xx or a non-shareable answer never replaces a usable entry (reference W7)
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -40,6 +41,7 @@ class Job:
     request_headers: Headers  # as the client sent them (its conditionals are dropped)
     entry: StoredResponse
     cause: Outcome | None = None  # the request that queued it
+    target: bytes | None = None  # the request target as the client sent it, byte for byte
 
     @property
     def ident(self) -> str:
@@ -131,7 +133,7 @@ class Revalidator:
             metrics.revalidations.labels("skipped").inc()
             return Result("skipped", None)
         try:
-            job = job if current is None else Job(job.key, job.url, job.request_headers, current, job.cause)
+            job = job if current is None else dataclasses.replace(job, entry=current)
             return await self.refresh(job, base=lookup.resource if lookup else None)
         finally:
             if lease is Lease.ACQUIRED:
@@ -154,7 +156,7 @@ class Revalidator:
         start = time.perf_counter()
         limit = max_body if max_body is not None else service.settings.max_object_bytes
         try:
-            fetched = await self.client.fetch("GET", job.url, headers, limit)
+            fetched = await self.client.fetch("GET", job.url, headers, limit, job.target)
         except OriginError as e:
             metrics.revalidations.labels("error").inc()
             log.info(f"mitmcache: revalidation of {job.key} failed: {e}")
@@ -166,8 +168,9 @@ class Revalidator:
             if not sem.validator_304_matches(job.entry, fetched.headers):
                 service.bad_input("304-mismatch", f"304 for {job.key!r} names other validators")
                 return Result("error", None, fetched, "304 does not match the stored validators")
-        elif fetched.status >= 400:
-            # §4.3.3 allows using the error; we keep serving the stored response (W7).
+        elif fetched.status >= 500:
+            # §4.3.3 lets the cache act as if the origin had not answered: the stored response
+            # stays (W7). A 4xx is a full response like any other: stored if storable (a 404).
             metrics.revalidations.labels("error").inc()
             return Result("error", None, fetched, f"origin answered {fetched.status}")
         else:

@@ -12,6 +12,7 @@ import dataclasses
 import datetime
 import email.utils
 import re
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -37,6 +38,9 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
+
+# Fields personal to the client that received them: never merged into a shared entry.
+NOT_SHARED = frozenset({"set-cookie", "set-cookie2"})
 
 # RFC 9111 §3.2: a 304/HEAD never updates framing of the stored body.
 NOT_UPDATED_BY_304 = frozenset({"content-length", "content-encoding", "content-range"}) | HOP_BY_HOP
@@ -75,6 +79,12 @@ def header_get(headers: HeaderList, name: str) -> str | None:
     return ", ".join(values) if values else None
 
 
+def first_member(headers: HeaderList, name: str) -> str | None:
+    """The first member of a singleton field sent as a list (``Age: 7200, 0`` → ``7200``)."""
+    members = split_list(header_values(headers, name))
+    return members[0] if members else None
+
+
 def split_list(values: Iterable[str]) -> list[str]:
     """RFC 9110 §5.6.1 list syntax: split on commas outside quoted strings, drop empties."""
     out: list[str] = []
@@ -101,23 +111,48 @@ def split_list(values: Iterable[str]) -> list[str]:
     return out
 
 
-def parse_http_date(value: str | None) -> float | None:
-    """RFC 9110 §5.6.7 HTTP-date (IMF-fixdate, RFC 850, asctime) to epoch seconds; None if invalid."""
+_DAY = r"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun)"
+_DAY_L = r"(?:Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday)"
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+_MONTH = "(" + "|".join(_MONTHS) + ")"
+_TIME = r"([0-9]{2}):([0-9]{2}):([0-9]{2})"
+# RFC 9110 §5.6.7: the three forms, case-sensitive, ASCII digits, single spaces.
+_IMF_FIXDATE = re.compile(rf"{_DAY}, ([0-9]{{2}}) {_MONTH} ([0-9]{{4}}) {_TIME} GMT")
+_RFC850_DATE = re.compile(rf"{_DAY_L}, ([0-9]{{2}})-{_MONTH}-([0-9]{{2}}) {_TIME} GMT")
+_ASCTIME_DATE = re.compile(rf"{_DAY} {_MONTH} ([0-9]{{2}}| [0-9]) {_TIME} ([0-9]{{4}})")
+
+
+def parse_http_date(value: str | None, now: float | None = None) -> float | None:
+    """RFC 9110 §5.6.7 HTTP-date to epoch seconds; None if it is not one.
+
+    Only IMF-fixdate (``Sun, 06 Nov 1994 08:49:37 GMT``) and the obsolete RFC 850
+    (``Sunday, 06-Nov-94 08:49:37 GMT``) and asctime (``Sun Nov  6 08:49:37 1994``) forms are
+    HTTP-dates: other zones, offsets, missing commas, doubled spaces or one-digit hours are not.
+    An RFC 850 two-digit year more than 50 years in the future means the past century's.
+    """
     if not value:
         return None
+    text = value.strip(" \t")
+    if m := _IMF_FIXDATE.fullmatch(text):
+        day, month, year, hour, minute, second = m.groups()
+    elif m := _RFC850_DATE.fullmatch(text):
+        day, month, yy, hour, minute, second = m.groups()
+        this_year = datetime.datetime.fromtimestamp(time.time() if now is None else now, datetime.UTC).year
+        year = str(this_year - this_year % 100 + int(yy))
+        if int(year) > this_year + 50:
+            year = str(int(year) - 100)
+    elif m := _ASCTIME_DATE.fullmatch(text):
+        month, day, hour, minute, second, year = m.groups()
+    else:
+        return None
     try:
-        parsed = email.utils.parsedate_to_datetime(value.strip())
-    except (TypeError, ValueError, IndexError, OverflowError):
+        parsed = datetime.datetime(
+            int(year), _MONTHS.index(month) + 1, int(day), int(hour), int(minute), min(int(second), 59),
+            tzinfo=datetime.UTC,
+        )
+    except ValueError:  # day 31 of a 30-day month, hour 24, …
         return None
-    if parsed is None:
-        return None
-    if parsed.tzinfo is None:
-        # asctime has no zone; HTTP dates are always GMT.
-        parsed = parsed.replace(tzinfo=datetime.UTC)
-    try:
-        return parsed.timestamp()
-    except (OverflowError, ValueError, OSError):
-        return None
+    return parsed.timestamp()
 
 
 def format_http_date(ts: float) -> str:
@@ -129,12 +164,40 @@ def parse_delta_seconds(value: str | None) -> int | None:
     if value is None:
         return None
     value = value.strip().strip('"')
-    if not value.isdigit() or not value.isascii():
+    if not value.isascii() or not value.isdigit():
         return None
+    value = value.lstrip("0") or "0"
+    if len(value) > 10:  # beyond 2^31 whatever it is: no int() of 4,300+ digits (ValueError)
+        return DELTA_SECONDS_MAX
     return min(int(value), DELTA_SECONDS_MAX)
 
 
 # --------------------------------------------------------------------------- Cache-Control
+
+# RFC 9213 §2: targeted fields are Structured Field dictionaries; a member is key[=item][;params].
+_SF_MEMBER = re.compile(
+    r'[a-z*][a-z0-9_\-.*]*(?:=(?:"(?:[^"\\]|\\.)*"|[A-Za-z0-9*:/!#$%&\'+\-.^_`|~?]+))?(?:;.*)?'
+)
+CDN_CACHE_CONTROL = "cdn-cache-control"
+
+
+def _valid_targeted(values: list[str]) -> bool:
+    members = split_list(values)
+    return bool(members) and all(_SF_MEMBER.fullmatch(m) for m in members)
+
+
+def cache_policy(headers: HeaderList, targets: Sequence[str] = ()) -> tuple[list[str], bool]:
+    """The Cache-Control lines that govern this cache, and whether they came from a targeted field.
+
+    RFC 9213 §2.2: the first field of the target list (``targets``, lower-case names, in order)
+    with a valid, non-empty value is used, and Cache-Control and Expires are then ignored;
+    otherwise Cache-Control.
+    """
+    for name in targets:
+        values = header_values(headers, name)
+        if values and _valid_targeted(values):
+            return values, True
+    return header_values(headers, "cache-control"), False
 
 
 def parse_cache_control(values: Iterable[str]) -> dict[str, str | None]:
@@ -170,8 +233,9 @@ class ResponseDirectives:
     invalid_freshness: bool = False  # a max-age/s-maxage that did not parse
 
     @classmethod
-    def from_headers(cls, headers: HeaderList) -> ResponseDirectives:
-        cc = parse_cache_control(header_values(headers, "cache-control"))
+    def from_headers(cls, headers: HeaderList, targets: Sequence[str] = ()) -> ResponseDirectives:
+        """``targets``: the targeted fields (RFC 9213) that take precedence over Cache-Control."""
+        cc = parse_cache_control(cache_policy(headers, targets)[0])
         invalid = False
 
         def delta(name: str) -> int | None:
@@ -338,8 +402,11 @@ def storability(
     response_headers: HeaderList,
     body_length: int | None,
     max_object_bytes: int,
+    targets: Sequence[str] = (),
 ) -> NotStorable | None:
-    """None if a shared cache may store the response (RFC 9111 §3), else the reason not."""
+    """None if a shared cache may store the response (RFC 9111 §3), else the reason not.
+
+    ``targets``: targeted Cache-Control fields (RFC 9213) that replace Cache-Control/Expires."""
     # §3: "the request method is understood by the cache"; we store GET only. HEAD is
     # answered from the GET entry and never replaces it.
     if method != "GET":
@@ -350,7 +417,7 @@ def storability(
     req = RequestDirectives.from_headers(request_headers)
     if req.no_store:  # §5.2.1.5
         return NotStorable.REQUEST_NO_STORE
-    resp = ResponseDirectives.from_headers(response_headers)
+    resp = ResponseDirectives.from_headers(response_headers, targets)
     if resp.no_store:  # §5.2.2.5
         return NotStorable.NO_STORE
     if resp.private:  # §5.2.2.7: a shared cache MUST NOT store it
@@ -378,7 +445,7 @@ def storability(
         resp.public
         or resp.max_age is not None
         or resp.s_maxage is not None
-        or bool(header_values(response_headers, "expires"))
+        or (bool(header_values(response_headers, "expires")) and not cache_policy(response_headers, targets)[1])
         or resp.invalid_freshness
     )
     if not has_explicit and status not in HEURISTICALLY_CACHEABLE:
@@ -394,9 +461,11 @@ def freshness_lifetime(
     headers: HeaderList,
     response_time: float,
     heuristic_cap: float = DEFAULT_HEURISTIC_CAP,
+    targets: Sequence[str] = (),
 ) -> tuple[float, bool]:
-    """(freshness_lifetime seconds, is_heuristic) per RFC 9111 §4.2.1 and §4.2.2."""
-    cc = ResponseDirectives.from_headers(headers)
+    """(freshness_lifetime seconds, is_heuristic) per RFC 9111 §4.2.1 and §4.2.2; a targeted
+    field in ``targets`` replaces Cache-Control and Expires (RFC 9213 §2.2)."""
+    cc = ResponseDirectives.from_headers(headers, targets)
     if cc.invalid_freshness and cc.s_maxage is None and cc.max_age is None:
         return 0.0, False
     # §4.2.1: a shared cache uses s-maxage first, then max-age, then Expires - Date.
@@ -404,7 +473,7 @@ def freshness_lifetime(
         return float(cc.s_maxage), False
     if cc.max_age is not None:
         return float(cc.max_age), False
-    expires_values = header_values(headers, "expires")
+    expires_values = [] if cache_policy(headers, targets)[1] else header_values(headers, "expires")
     date = parse_http_date(header_get(headers, "date"))
     if expires_values:
         # §5.3: an invalid Expires (e.g. "0") means already expired. Multiple Expires lines
@@ -429,9 +498,8 @@ def corrected_initial_age(headers: HeaderList, request_time: float, response_tim
     """RFC 9111 §4.2.3: the age the response already had when it arrived."""
     date = parse_http_date(header_get(headers, "date"))
     apparent_age = max(0.0, response_time - date) if date is not None else 0.0
-    age_values = header_values(headers, "age")
-    # §5.1: Age is a single delta-seconds; an invalid value is ignored.
-    age_value = parse_delta_seconds(age_values[0]) if age_values else None
+    # §5.1: Age is a single delta-seconds; of a list, the first member; an invalid value is ignored.
+    age_value = parse_delta_seconds(first_member(headers, "age"))
     response_delay = max(0.0, response_time - request_time)
     corrected_age_value = (age_value or 0) + response_delay
     return max(apparent_age, corrected_age_value)
@@ -457,8 +525,8 @@ def malformed_fields(headers: HeaderList) -> list[str]:
     expires = header_values(headers, "expires")
     if expires and parse_http_date(expires[0]) is None and expires[0].strip().lstrip("-") not in ("0", "1"):
         bad.append("expires")
-    age = header_values(headers, "age")
-    if age and parse_delta_seconds(age[0]) is None:
+    age = first_member(headers, "age")
+    if age is not None and parse_delta_seconds(age) is None:
         bad.append("age")
     return bad
 
@@ -534,9 +602,14 @@ def make_stored_response(
     request_time: float,
     response_time: float,
     heuristic_cap: float = DEFAULT_HEURISTIC_CAP,
+    targets: Sequence[str] = (),
 ) -> StoredResponse:
-    """Build the immutable entry for a storable response (call storability() first)."""
+    """Build the immutable entry for a storable response (call storability() first).
+
+    RFC 9110 §6.6.1: a response received without Date gets one (the time of receipt)."""
     headers = strip_for_storage(response_headers)
+    if header_get(headers, "date") is None:
+        headers += (("Date", format_http_date(response_time)),)
     names = vary_names(headers) or ()
     return StoredResponse(
         status=status,
@@ -544,7 +617,7 @@ def make_stored_response(
         headers=headers,
         body=body,
         vary=request_vary_values(names, request_headers),
-        **_derived(status, headers, response_headers, request_time, response_time, heuristic_cap),
+        **_derived(status, headers, response_headers, request_time, response_time, heuristic_cap, targets),
     )
 
 
@@ -555,13 +628,14 @@ def _derived(
     request_time: float,
     response_time: float,
     heuristic_cap: float,
+    targets: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The fields computed from a response's headers once, at store time and on a 304 merge.
 
     ``received_headers`` are the fields as received (with Age), ``headers`` what is stored.
     """
-    cc = ResponseDirectives.from_headers(headers)
-    lifetime, heuristic = freshness_lifetime(status, headers, response_time, heuristic_cap)
+    cc = ResponseDirectives.from_headers(headers, targets)
+    lifetime, heuristic = freshness_lifetime(status, headers, response_time, heuristic_cap, targets)
     return {
         "request_time": request_time,
         "response_time": response_time,
@@ -666,9 +740,20 @@ def _etag_opaque(tag: str) -> str:
     return tag[2:] if tag.startswith("W/") else tag
 
 
+def etags_strong_match(a: str, b: str) -> bool:
+    """RFC 9110 §8.8.3.2 strong comparison: neither weak, opaque tags equal."""
+    a, b = a.strip(), b.strip()
+    return not a.startswith("W/") and not b.startswith("W/") and a == b
+
+
 def etags_weak_match(a: str, b: str) -> bool:
     """RFC 9110 §8.8.3.2 weak comparison: opaque tags equal, W/ ignored."""
     return _etag_opaque(a) == _etag_opaque(b)
+
+
+def has_client_conditionals(request_headers: HeaderList) -> bool:
+    """Does the request carry If-None-Match or If-Modified-Since (RFC 9110 §13.1)?"""
+    return any(k.lower() in ("if-none-match", "if-modified-since") for k, _ in request_headers)
 
 
 def client_conditional_matches(request_headers: HeaderList, entry: StoredResponse) -> bool:
@@ -766,12 +851,18 @@ def not_modified_headers(entry: StoredResponse) -> list[tuple[str, str]]:
 def validator_304_matches(entry: StoredResponse, response_headers: HeaderList) -> bool:
     """RFC 9111 §4.3.4: may this 304 update ``entry``?
 
-    With a strong ETag in the 304, it must equal the stored one; with only Last-Modified,
-    that must match; with neither, the single stored response we asked about is updated.
+    A strong ETag in the 304 selects only a stored response with that same strong ETag (a
+    weak stored one is not it); a weak ETag selects by weak comparison; with only
+    Last-Modified, that must match; with neither, the single stored response we asked about is
+    updated.
     """
     etag = header_get(response_headers, "etag")
     if etag is not None:
-        return entry.etag is not None and etags_weak_match(etag, entry.etag)
+        if entry.etag is None:
+            return False
+        if etag.strip().startswith("W/"):
+            return etags_weak_match(etag, entry.etag)
+        return etags_strong_match(etag, entry.etag)
     last_modified = header_get(response_headers, "last-modified")
     if last_modified is not None and entry.last_modified is not None:
         return parse_http_date(last_modified) == parse_http_date(entry.last_modified)
@@ -784,20 +875,38 @@ def merge_304(
     request_time: float,
     response_time: float,
     heuristic_cap: float = DEFAULT_HEURISTIC_CAP,
+    targets: Sequence[str] = (),
 ) -> StoredResponse:
     """RFC 9111 §3.2 + §4.3.4: freshen a stored response with a 304's header fields.
 
     Fields in the 304 replace stored ones of the same name, except framing (Content-Length,
-    Content-Encoding, Content-Range) and hop-by-hop fields; freshness is recomputed.
+    Content-Encoding, Content-Range), hop-by-hop fields and Set-Cookie (it belongs to the
+    client whose request got the 304, never to a shared entry: RFC 6265 §8.2); freshness is
+    recomputed. Check ``merged_storability`` before storing the result.
     """
-    incoming = [(k, v) for k, v in strip_for_storage(response_headers) if k.lower() not in NOT_UPDATED_BY_304]
+    incoming = [
+        (k, v) for k, v in strip_for_storage(response_headers) if k.lower() not in NOT_UPDATED_BY_304 | NOT_SHARED
+    ]
     replaced = {k.lower() for k, _ in incoming}
     headers = tuple((k, v) for k, v in entry.headers if k.lower() not in replaced) + tuple(incoming)
     return dataclasses.replace(
         entry,
         headers=headers,
-        **_derived(entry.status, headers, response_headers, request_time, response_time, heuristic_cap),
+        **_derived(entry.status, headers, response_headers, request_time, response_time, heuristic_cap, targets),
     )
+
+
+def merged_storability(entry: StoredResponse, targets: Sequence[str] = ()) -> NotStorable | None:
+    """RFC 9111 §3.2/§4.3.4/§4.3.5: after a merge, nothing that would have made the response
+    unstorable (no-store, private, Vary: *) may enter the stored entry."""
+    cc = ResponseDirectives.from_headers(entry.headers, targets)
+    if cc.no_store:
+        return NotStorable.NO_STORE
+    if cc.private:
+        return NotStorable.PRIVATE
+    if vary_names(entry.headers) is None:
+        return NotStorable.VARY_STAR
+    return None
 
 
 def freshen_with_head(
@@ -806,6 +915,7 @@ def freshen_with_head(
     request_time: float,
     response_time: float,
     heuristic_cap: float = DEFAULT_HEURISTIC_CAP,
+    targets: Sequence[str] = (),
 ) -> StoredResponse:
     """RFC 9111 §4.3.5: a 200 to HEAD updates the stored GET response like a 304 would, unless
     its ETag, Last-Modified or Content-Length disagree with it: then the stored response is
@@ -822,7 +932,7 @@ def freshen_with_head(
     )
     if differs:
         return dataclasses.replace(entry, freshness=0.0, stale_while_revalidate=0.0, stale_if_error=0.0)
-    return merge_304(entry, head_headers, request_time, response_time, heuristic_cap)
+    return merge_304(entry, head_headers, request_time, response_time, heuristic_cap, targets)
 
 
 # --------------------------------------------------------------------------- invalidation (§4.4)

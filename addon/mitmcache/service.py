@@ -36,6 +36,8 @@ class Settings:
     heuristic_cap: float = sem.DEFAULT_HEURISTIC_CAP  # seconds (RFC 9111 §4.2.2)
     coalesce_wait: float = 15.0  # seconds a request waits for another's fetch
     lease_ms: int = 5000  # milliseconds a fill lease lives in Valkey
+    # RFC 9213 target list: targeted fields that replace Cache-Control/Expires, in precedence order.
+    targets: tuple[str, ...] = ("mitmcache-cache-control", sem.CDN_CACHE_CONTROL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,24 +81,30 @@ class CacheService:
         stored); otherwise the answer is checked for storability (§3) and stored next to the
         URL's other variants in ``base`` (what the request saw; None: what L1 holds).
         """
+        settings = self.settings
         for kind in sem.malformed_fields(response.headers):
             self.bad_input(kind, f"{sem.header_get(response.headers, kind)!r} for {key!r}")
         if revalidated is not None and response.status == 304:
             entry = sem.merge_304(
-                revalidated, response.headers, response.request_time, response.response_time, self.settings.heuristic_cap
+                revalidated, response.headers, response.request_time, response.response_time,
+                settings.heuristic_cap, settings.targets,
             )
+            refused = sem.merged_storability(entry, settings.targets)
+            if refused is not None:
+                await self.invalidate([key])  # what is stored no longer describes a shareable response
+                return Admission(entry, None, refused.value)
         else:
             body = response.body
             reason = sem.storability(
                 method, response.status, request_headers, response.headers,
-                len(body) if body is not None else None, self.settings.max_object_bytes,
+                len(body) if body is not None else None, settings.max_object_bytes, settings.targets,
             )
             if reason is not None:
                 return Admission(None, None, reason.value)
             assert body is not None
             entry = sem.make_stored_response(
                 response.status, response.reason, request_headers, response.headers, body,
-                response.request_time, response.response_time, self.settings.heuristic_cap,
+                response.request_time, response.response_time, settings.heuristic_cap, settings.targets,
             )
             if entry.retain_until() <= now:
                 return Admission(None, None, sem.NotStorable.NOT_CACHEABLE.value)
@@ -106,7 +114,11 @@ class CacheService:
         return Admission(entry, resource)
 
     async def freshen(self, key: str, entry: StoredResponse, base: Resource | None, now: float) -> Resource | None:
-        """Store an entry updated in place (§4.3.5 HEAD freshening) next to its variants."""
+        """Store an entry updated in place (§4.3.5 HEAD freshening) next to its variants; one
+        that a merge made unstorable (private, no-store, Vary: *) is dropped instead."""
+        if sem.merged_storability(entry, self.settings.targets) is not None:
+            await self.invalidate([key])
+            return None
         return await self.store.put(key, entry, now, base=base)
 
     async def invalidate(self, keys: list[str]) -> int:

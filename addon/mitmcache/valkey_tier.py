@@ -99,7 +99,7 @@ class ValkeyTier:
         One Valkey key holds all of a URL's variants, so they always share a node; the lease
         is placed by that key too, so it lives on the same node.
         """
-        digest = xxhash.xxh3_128_hexdigest(cache_key.encode())
+        digest = xxhash.xxh3_128_hexdigest(cache_key.encode("utf-8", "surrogateescape"))
         value_key = f"{self.prefix}:r1:{digest}"
         return self.nodes[self.ring.owner(value_key.encode())], value_key, f"{self.prefix}:lease:{digest}"
 

@@ -161,12 +161,19 @@ def test_client_validator_gets_304_from_cache(client: httpx.Client, origin: Orig
     assert origin.count(path) == 1
 
 
-def test_client_validator_on_miss_is_forwarded_and_304_not_stored(client: httpx.Client, origin: Origin) -> None:
+def test_cold_conditional_request_fills_the_cache_and_is_answered_from_it(client: httpx.Client, origin: Origin) -> None:
+    """A conditional GET with nothing stored is fetched unconditionally, stored, and its own
+    validator answered from the stored response (never a stored 304: reference W5)."""
     path = f"/inm-miss?cc={q('max-age=60')}&etag=v1"
     r1 = client.get(path, headers={"If-None-Match": '"v1"'})
     assert r1.status_code == 304 and r1.headers["x-cache-status"] == "MISS"
-    r2 = client.get(path)  # the stored 304 would be a wrong answer here (reference W5)
-    assert r2.status_code == 200 and r2.text.endswith("#2")
+    assert "stored" in r1.headers["cache-status"]
+    assert origin.requests_for(path)[0].headers.get("if-none-match") is None  # asked unconditionally
+    r2 = client.get(path, headers={"If-None-Match": '"other"'})
+    assert r2.status_code == 200 and r2.text == "/inm-miss #1" and r2.headers["x-cache-status"] == "HIT"
+    r3 = client.get(path, headers={"If-None-Match": '"v1"'})
+    assert r3.status_code == 304 and r3.headers["x-cache-status"] == "HIT"
+    assert origin.count(path) == 1
 
 
 def test_revalidation_with_304_from_origin(client: httpx.Client, origin: Origin) -> None:

@@ -68,11 +68,20 @@ async def test_new_200_replaces(origin: Origin) -> None:
     assert stored_body(store, key) == b"/r #1"
 
 
+async def test_fresh_cacheable_404_replaces_the_stale_200(origin: Origin) -> None:
+    """RFC 9111 §4.3.3: a full response (here a 404 with max-age) is what the cache uses; only
+    5xx answers and connection errors keep the stale entry."""
+    outcome, store, key, _ = await revalidate(origin, f"cc={quote('max-age=60')}&status=404")
+    assert outcome == "200"
+    lookup = store.peek(key, time.time())
+    assert lookup is not None and lookup.variants[-1].status == 404
+
+
 @pytest.mark.parametrize(
     "query,outcome",
     [
         (f"cc={quote('max-age=60')}&status=503", "error"),
-        (f"cc={quote('max-age=60')}&status=404", "error"),
+        (f"cc={quote('max-age=60')}&status=500", "error"),
         (f"cc={quote('private, max-age=60')}&etag=new", "kept"),
         (f"cc={quote('max-age=60')}&cookie=1&etag=new", "kept"),
     ],

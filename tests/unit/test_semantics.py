@@ -292,12 +292,12 @@ def test_select_most_recent_matching_variant_4_1() -> None:
 def test_hop_by_hop_and_connection_named_fields_not_stored_3_1() -> None:
     e = entry([("Connection", "X-Private, close"), ("X-Private", "1"), ("Keep-Alive", "5"),
                ("Transfer-Encoding", "chunked"), ("Age", "3"), ("X-Cache-Status", "HIT"), ("ETag", '"a"')])
-    assert [k for k, _ in e.headers] == ["ETag"]
+    assert [k for k, _ in e.headers] == ["ETag", "Date"]  # Date added: none was received (RFC 9110 §6.6.1)
 
 
 def test_not_modified_headers_are_the_304_set() -> None:
     e = entry([("Cache-Control", "max-age=60"), ("ETag", '"a"'), ("Content-Type", "text/plain"), ("Content-Length", "4")])
-    assert {k.lower() for k, _ in sem.not_modified_headers(e)} == {"cache-control", "etag"}
+    assert {k.lower() for k, _ in sem.not_modified_headers(e)} == {"cache-control", "etag", "date"}
 
 
 def test_retention_bounds_no_cache_entries() -> None:

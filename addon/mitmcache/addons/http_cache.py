@@ -14,6 +14,7 @@ import weakref
 from mitmproxy import ctx, http
 
 from ..messages import Request, Response
+from ..semantics import format_http_date
 from ..outcome import HIT, STALE, Outcome
 from ..pipeline import Exchange
 from ..service import CacheService
@@ -93,7 +94,7 @@ class HttpCache:
             self._render(flow, ex.outcome)
             return
         self._exchanges[flow] = ex
-        if ex.validators:
+        if ex.validators or ex.strip_conditionals:
             headers = flow.request.headers
             for name in ("if-none-match", "if-modified-since"):
                 headers.pop(name, None)
@@ -104,6 +105,10 @@ class HttpCache:
         ex = self._exchanges.pop(flow, None)
         if ex is None or flow.response is None:
             return
+        if "date" not in flow.response.headers:
+            # RFC 9110 §6.6.1: a recipient with a clock adds the time of receipt to a response
+            # it caches or forwards without one.
+            flow.response.headers["Date"] = format_http_date(flow.response.timestamp_end or time.time())
         replacement = await self.service.pipeline.response(ex, response_from_flow(flow))
         if replacement is not None:
             flow.response = to_mitmproxy(replacement)

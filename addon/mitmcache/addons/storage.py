@@ -6,10 +6,12 @@ import asyncio
 import dataclasses
 import logging
 import os
+import re
 import time
 
 from mitmproxy import ctx, exceptions
 
+from .. import semantics as sem
 from ..ring import ValkeyURLError, parse_valkey_urls
 from ..service import CacheService
 from ..valkey_tier import ValkeyTier
@@ -46,6 +48,11 @@ class Storage:
             "Upper bound in seconds for heuristic freshness (10% of Date - Last-Modified).",
         )
         loader.add_option(
+            "cache_targeted_cc", str, "Mitmcache-Cache-Control",
+            "Targeted Cache-Control field for this cache (RFC 9213): takes precedence over "
+            "CDN-Cache-Control, which takes precedence over Cache-Control and Expires. Empty: none.",
+        )
+        loader.add_option(
             "cache_valkey_urls", str, "",
             "Comma-separated valkey://[user:password@]host:port[/db] or valkeys:// (TLS) URLs, "
             "one per ring node. Empty: L1 only.",
@@ -77,6 +84,12 @@ class Storage:
             settings = dataclasses.replace(
                 settings, max_object_bytes=parse_size("cache_max_object_bytes", opts.cache_max_object_bytes)
             )
+        if "cache_targeted_cc" in updated:
+            name = opts.cache_targeted_cc.strip().lower()
+            if name and not re.fullmatch(r"[a-z0-9!#$%&'*+\-.^_`|~]+", name):
+                raise exceptions.OptionsError(f"cache_targeted_cc: not a field name: {opts.cache_targeted_cc!r}")
+            targets = (name, sem.CDN_CACHE_CONTROL) if name and name != sem.CDN_CACHE_CONTROL else (sem.CDN_CACHE_CONTROL,)
+            settings = dataclasses.replace(settings, targets=targets)
         if "cache_heuristic_max" in updated:
             settings = dataclasses.replace(settings, heuristic_cap=float(at_least("cache_heuristic_max", 0)))
         service.settings = settings
