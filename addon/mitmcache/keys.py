@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 from . import semantics as sem
 from .messages import Request
+from .policy import Policy
 
 
 _PCT = re.compile(r"%([0-9A-Fa-f]{2})")
@@ -51,12 +52,24 @@ class KeyBuilder:
     """Builds primary cache keys. The one place where a key is made (operator policies and
     query normalisation attach here)."""
 
-    def build(self, scheme: str, host: str, port: int | None, path: str, host_header: str | None = None) -> str:
+    def build(
+        self,
+        scheme: str,
+        host: str,
+        port: int | None,
+        path: str,
+        host_header: str | None = None,
+        policy: Policy | None = None,
+        request_headers: sem.HeaderList = (),
+    ) -> str:
         """``scheme://authority/path?query``, plus ``\\nhost=NAME`` when the Host field names
-        another authority (a newline never occurs in a request target)."""
+        another authority (a newline never occurs in a request target), plus the values of an
+        operator rule's key_headers/key_cookies; the rule's query normalisation applies first."""
         scheme = scheme.lower()
         if not path.startswith("/") and path != "*":
             path = "/" + path
+        if policy is not None:
+            path = policy.key_path(path)
         path = normalize_target(path)
         target = sem.normalize_authority(scheme, host, port)
         key = f"{scheme}://{target}{path}"
@@ -65,13 +78,16 @@ class KeyBuilder:
             named = sem.normalize_authority(scheme, h, p if p is not None else sem.default_port(scheme))
             if named != target:
                 key += f"\nhost={named}"
+        if policy is not None and (policy.key_headers or policy.key_cookies):
+            key += policy.key_suffix(request_headers)
         return key
 
     def for_request(self, req: Request) -> str:
-        return self.build(req.scheme, req.host, req.port, req.path, req.host_header)
+        return self.build(req.scheme, req.host, req.port, req.path, req.host_header, req.policy, req.headers)
 
-    def for_url(self, url: str) -> str | None:
-        """Key of an absolute http(s) URL (invalidation targets, purge), or None if it is not one."""
+    def for_url(self, url: str, policy: Policy | None = None, request_headers: sem.HeaderList = ()) -> str | None:
+        """Key of an absolute http(s) URL (invalidation targets, purge) under ``policy`` (its
+        key_headers values taken from ``request_headers``), or None if it is not one."""
         try:
             parts = urlsplit(url)
             port = parts.port
@@ -82,4 +98,4 @@ class KeyBuilder:
         path = parts.path or "/"
         if parts.query:
             path += "?" + parts.query
-        return self.build(parts.scheme, parts.hostname, port, path)
+        return self.build(parts.scheme, parts.hostname, port, path, None, policy, request_headers)

@@ -111,12 +111,14 @@ def mitmdump_command(passthrough: list[str], sets: dict[str, str]) -> list[str]:
 
 
 def _redact_urls(value: str) -> str:
+    """The URLs as given, each with its userinfo replaced by ``***`` only where it holds a password."""
     try:
-        return ",".join(
-            n.name.replace("://", "://***@" if n.password else "://", 1) for n in parse_valkey_urls(value)
-        )
+        nodes = parse_valkey_urls(value)
     except ValueError:
         return "***"
+    if not any(n.password for n in nodes):
+        return value
+    return ",".join(n.name.replace("://", "://***@" if n.password else "://", 1) for n in nodes)
 
 
 def _redacted(cmd: list[str]) -> list[str]:

@@ -9,8 +9,12 @@ Times are epoch seconds.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from . import semantics as sem
+
+if TYPE_CHECKING:
+    from .policy import Policy
 
 Headers = tuple[tuple[str, str], ...]
 
@@ -32,6 +36,7 @@ class Request:
     headers: Headers
     host_header: str | None = None
     timestamp: float = 0.0
+    policy: Policy | None = None  # the operator rule that matched (cache_policy), if any
 
     @property
     def wants_range(self) -> bool:

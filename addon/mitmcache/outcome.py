@@ -37,8 +37,14 @@ WHY = {
     "vary-star": "Vary: * can never match a later request (RFC 9110 §12.5.5)",
     "too-large": "the body exceeds cache_max_object_bytes",
     "too-large-for-l1": "the entry alone exceeds cache_l1_max_bytes and L2 did not take it",
-    "no-freshness": "no explicit freshness, not public, status not heuristically cacheable, or no lifetime left (RFC 9111 §3, §4.2)",
+    "no-freshness": (
+        "no freshness: no max-age, s-maxage or Expires, and no heuristic (that needs a heuristically "
+        "cacheable status and a Last-Modified older than Date), or no lifetime left (RFC 9111 §3, §4.2.2)"
+    ),
     "incomplete": "the body was not read whole (streamed)",
+    "policy": "an operator rule (cache_policy) says not to store it: no_store, bypass, or a zero ttl/error_ttl",
+    "bypass": "an operator rule (cache_policy) says bypass: the cache does not handle this request",
+    "status-kept": "a 5xx to a revalidation never replaces the stored response (RFC 9111 §4.3.3)",
 }
 
 

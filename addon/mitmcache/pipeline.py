@@ -70,6 +70,7 @@ class Exchange:
     # to store and answers them itself (a cold conditional request fills the cache, like Varnish).
     strip_conditionals: bool = False
     forwarded_at: float | None = None  # RFC 9111 §4.2.3 request_time
+    bypass: bool = False  # an operator rule: neither looked up nor stored
     flight: Flight | None = None  # set while this request leads the fetch of its key
     lease_token: str | None = None  # set while this request holds the key's fill lease
     completed: bool = False
@@ -89,6 +90,14 @@ class Pipeline:
         self.service.started(ex.outcome)
         if req.method not in ("GET", "HEAD"):
             return ex  # Bypass: the response may invalidate (§4.4)
+        policy = req.policy
+        if policy is not None:
+            ex.outcome.status.detail.append(policy.label)
+            if policy.bypass:
+                ex.bypass = True
+                ex.outcome.status.fwd = "bypass"
+                ex.outcome.why = WHY["bypass"]
+                return ex
         try:
             await self._lookup_and_decide(ex)
             # RFC 9111 §4.2.3 request_time: when the request goes upstream, after any coalescing
@@ -105,14 +114,15 @@ class Pipeline:
     async def _lookup_and_decide(self, ex: Exchange) -> None:
         store, req, outcome = self.service.store, ex.request, ex.outcome
         now = time.time()
-        lookup = await store.get(ex.key, now)
+        l1_ttl = req.policy.l1_ttl if req.policy is not None else None
+        lookup = await store.get(ex.key, now, l1_ttl=l1_ttl)
         if store.has_l2 and (lookup is None or lookup.tier == "l2"):
             outcome.time("cache.l2_lookup", now)
         entry = sem.select_variant(lookup.resource.variants, req.headers) if lookup else None
         if lookup is not None and lookup.tier == "l1" and store.has_l2 and entry is not None and not entry.is_fresh(now):
             # A stale near-cache copy: L2 may hold a newer one (another proxy refreshed it).
             start = time.time()
-            newer = await store.get(ex.key, now, skip_l1=True)
+            newer = await store.get(ex.key, now, skip_l1=True, l1_ttl=l1_ttl)
             outcome.time("cache.l2_lookup", start)
             if newer is not None:
                 lookup = newer
@@ -133,7 +143,7 @@ class Pipeline:
                 outcome.status.detail.append("stale-while-revalidate")
                 # A HEAD can trigger it too: the GET entry is what gets refreshed.
                 queued = self.service.revalidator.enqueue(
-                    Job(ex.key, req.url, req.headers, stale, outcome, _target(req))
+                    Job(ex.key, req.url, req.headers, stale, outcome, _target(req), req.policy)
                 )
                 outcome.status.detail.append(f"reval-{queued}")
                 self._serve(ex, stale, now, STALE, "stale")
@@ -282,7 +292,7 @@ class Pipeline:
         req, outcome, service = ex.request, ex.outcome, self.service
         record = Revalidation(ex.key, req.url, False, time.time(), cause=outcome)
         result = await service.revalidator.refresh(
-            Job(ex.key, req.url, req.headers, stale, outcome, _target(req)), max_body=FOREGROUND_MAX_BODY,
+            Job(ex.key, req.url, req.headers, stale, outcome, _target(req), req.policy), max_body=FOREGROUND_MAX_BODY,
             base=ex.resource,
         )
         outcome.time("cache.origin_fetch", record.started)
@@ -353,14 +363,21 @@ class Pipeline:
             case Bypass() | Ignore():
                 return None
             case Invalidate(urls=urls):
-                keys = [ex.key] + [k for u in urls[1:] if (k := service.keys.for_url(u)) and k != ex.key]
+                # Each URL keyed as a GET for it would be: under the rule that matches it.
+                keys = [ex.key]
+                for u in urls:
+                    k = service.keys.for_url(u, service.policy_for_url(u, req.headers), req.headers)
+                    if k is not None and k not in keys:
+                        keys.append(k)
                 removed = await service.invalidate(keys)
                 log.debug(f"mitmcache: {req.method} {resp.status} invalidated {keys} ({removed} cached)")
                 return None
             case Renew(entry=stale):
                 service.metrics.revalidations.labels("304").inc()
                 outcome.status.fwd_status = 304
-                admission = await service.admit(ex.key, "GET", req.headers, resp, ex.resource, now, revalidated=stale)
+                admission = await service.admit(
+                    ex.key, "GET", req.headers, resp, ex.resource, now, revalidated=stale, policy=req.policy
+                )
                 assert admission.entry is not None  # a 304 merge always builds the entry
                 outcome.status.stored = admission.resource is not None
                 if admission.reason:
@@ -382,7 +399,7 @@ class Pipeline:
             case _:
                 assert_never(state)
 
-        if req.method == "HEAD" and resp.status == 200 and ex.resource is not None:
+        if req.method == "HEAD" and resp.status == 200 and ex.resource is not None and not ex.bypass:
             await self._freshen_from_head(ex, resp, now)
         outcome.status.fwd = outcome.status.fwd or "uri-miss"
         outcome.status.fwd_status = resp.status
@@ -392,8 +409,8 @@ class Pipeline:
             # stays (a 5xx never replaces it, whatever freshness it claims).
             outcome.status.detail.append("kept-stored")
             outcome.not_stored = "status"
-        elif req.method == "GET":
-            admission = await service.admit(ex.key, "GET", req.headers, resp, ex.resource, now)
+        elif req.method == "GET" and not ex.bypass:
+            admission = await service.admit(ex.key, "GET", req.headers, resp, ex.resource, now, policy=req.policy)
             resource = admission.resource
             if resource is not None and admission.entry is not None:
                 outcome.status.stored = True
@@ -431,6 +448,8 @@ class Pipeline:
         updated = sem.freshen_with_head(
             entry, resp.headers, resp.request_time, resp.response_time or now, settings.heuristic_cap, settings.targets
         )
+        if ex.request.policy is not None:
+            updated = ex.request.policy.apply(updated)
         if await self.service.freshen(ex.key, updated, ex.resource, now) is not None:
             ex.outcome.status.detail.append("head-freshened" if updated.freshness else "head-marked-stale")
 

@@ -23,6 +23,7 @@ from . import semantics as sem
 from .messages import Headers, Response
 from .origin_client import OriginClient, OriginError
 from .outcome import Outcome, Revalidation
+from .policy import Policy
 from .semantics import StoredResponse
 from .store import Lease, Resource
 
@@ -42,6 +43,7 @@ class Job:
     entry: StoredResponse
     cause: Outcome | None = None  # the request that queued it
     target: bytes | None = None  # the request target as the client sent it, byte for byte
+    policy: Policy | None = None  # the operator rule of the request (cache_policy)
 
     @property
     def ident(self) -> str:
@@ -177,7 +179,9 @@ class Revalidator:
             metrics.revalidations.labels("200").inc()
         if fetched.status != 304 and fetched.body is None:
             return Result("kept", None, fetched, "too-large")
-        admission = await service.admit(job.key, "GET", job.request_headers, fetched, base, time.time(), job.entry)
+        admission = await service.admit(
+            job.key, "GET", job.request_headers, fetched, base, time.time(), job.entry, job.policy
+        )
         if admission.resource is None and fetched.status != 304:
             return Result("kept", None, fetched, admission.reason)
         return Result("304" if fetched.status == 304 else "200", admission.entry, fetched)

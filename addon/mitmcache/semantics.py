@@ -393,6 +393,7 @@ class NotStorable(Enum):
     TOO_LARGE = "too-large"
     NOT_CACHEABLE = "no-freshness"
     INCOMPLETE = "incomplete"
+    POLICY = "policy"  # an operator rule: no_store, bypass, or a zero ttl/error_ttl
 
 
 def storability(

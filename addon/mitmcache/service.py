@@ -8,8 +8,10 @@ background revalidation, stale-if-error, and replay warm-up all call it).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import semantics as sem
@@ -19,6 +21,7 @@ from .messages import Headers, Response
 from .metrics import Metrics
 from .outcome import MetricsObserver, Observer, Outcome, Revalidation
 from .pipeline import Pipeline
+from .policy import Policy, PolicySet
 from .revalidate import Revalidator
 from .semantics import StoredResponse
 from .store import Resource, TieredStore
@@ -60,6 +63,9 @@ class CacheService:
         self.coalescer = Coalescer()
         self.revalidator = Revalidator(self)
         self.observers: list[Observer] = [MetricsObserver(self.metrics)]
+        self.policies = PolicySet()
+        # Which rule applies to a URL outside a flow (§4.4 targets, purge): set by the Policies addon.
+        self.policy_for_url: Callable[[str, Headers], Policy | None] = lambda url, headers: None
         self.pipeline = Pipeline(self)
         self._bad_input_logged: dict[str, float] = {}
 
@@ -74,12 +80,17 @@ class CacheService:
         base: Resource | None,
         now: float,
         revalidated: StoredResponse | None = None,
+        policy: Policy | None = None,
     ) -> Admission:
-        """Store an origin's answer to ``method key`` if RFC 9111 allows it.
+        """Store an origin's answer to ``method key`` if RFC 9111 (and the operator's rule)
+        allows it.
 
         ``revalidated`` is the stored response a 304 answers (§4.3.4: merged per §3.2, then
         stored); otherwise the answer is checked for storability (§3) and stored next to the
         URL's other variants in ``base`` (what the request saw; None: what L1 holds).
+        ``policy`` (``cache_policy``) is judged before the spec: its overrides hide upstream
+        prohibitions from the storability check, and its freshness replaces the derived one;
+        the stored headers stay the origin's (less Set-Cookie with ``override=set-cookie``).
         """
         settings = self.settings
         for kind in sem.malformed_fields(response.headers):
@@ -89,26 +100,37 @@ class CacheService:
                 revalidated, response.headers, response.request_time, response.response_time,
                 settings.heuristic_cap, settings.targets,
             )
-            refused = sem.merged_storability(entry, settings.targets)
+            judged = dataclasses.replace(entry, headers=policy.view(entry.headers)) if policy else entry
+            refused = sem.merged_storability(judged, settings.targets)
+            if refused is None and policy is not None and (policy.no_store or policy.bypass):
+                refused = sem.NotStorable.POLICY
             if refused is not None:
                 await self.invalidate([key])  # what is stored no longer describes a shareable response
                 return Admission(entry, None, refused.value)
         else:
             body = response.body
+            viewed = policy.view(response.headers) if policy else response.headers
             reason = sem.storability(
-                method, response.status, request_headers, response.headers,
+                method, response.status, request_headers, viewed,
                 len(body) if body is not None else None, settings.max_object_bytes, settings.targets,
             )
+            if policy is not None:
+                if reason is sem.NotStorable.AUTHORIZATION and "authorization" in policy.key_headers:
+                    reason = None  # each credential gets its own entry (the key holds it)
+                reason = policy.storability(response.status, reason)
             if reason is not None:
                 return Admission(None, None, reason.value)
             assert body is not None
+            stored = viewed if policy is not None and "set-cookie" in policy.override else response.headers
             entry = sem.make_stored_response(
-                response.status, response.reason, request_headers, response.headers, body,
+                response.status, response.reason, request_headers, stored, body,
                 response.request_time, response.response_time, settings.heuristic_cap, settings.targets,
             )
-            if entry.retain_until() <= now:
-                return Admission(None, None, sem.NotStorable.NOT_CACHEABLE.value)
-        resource = await self.store.put(key, entry, now, base=base)
+        if policy is not None:
+            entry = policy.apply(entry)
+        if entry.retain_until() <= now:
+            return Admission(None, None, sem.NotStorable.NOT_CACHEABLE.value)
+        resource = await self.store.put(key, entry, now, base=base, l1_ttl=policy.l1_ttl if policy else None)
         if resource is None:
             return Admission(entry, None, "too-large-for-l1")
         return Admission(entry, resource)

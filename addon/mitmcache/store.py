@@ -149,9 +149,10 @@ class TieredStore:
 
     # ------------------------------------------------------------------ read
 
-    async def get(self, key: str, now: float, skip_l1: bool = False) -> Lookup | None:
+    async def get(self, key: str, now: float, skip_l1: bool = False, l1_ttl: float | None = None) -> Lookup | None:
         """L1, then L2. ``skip_l1`` asks L2 directly: an L1 copy may be older than L2's
-        (another proxy revalidated it), which matters before revalidating ourselves."""
+        (another proxy revalidated it), which matters before revalidating ourselves.
+        ``l1_ttl``: the near-cache bound for an L2 hit (an operator rule), else the store's."""
         if not skip_l1:
             resource = self._l1.get(key, now)
             if resource is not None:
@@ -172,15 +173,18 @@ class TieredStore:
         if resource is None:
             return None
         self.metrics.l2_hits.inc()
-        self._near_cache(key, resource, now)
+        self._near_cache(key, resource, now, l1_ttl)
         return Lookup(resource, "l2")
 
     # ------------------------------------------------------------------ write
 
-    async def put(self, key: str, entry: StoredResponse, now: float, base: Resource | None = None) -> Resource | None:
+    async def put(
+        self, key: str, entry: StoredResponse, now: float, base: Resource | None = None, l1_ttl: float | None = None
+    ) -> Resource | None:
         """Store one variant next to the URL's other variants (``base``: what the request saw).
 
-        Returns the stored resource, or None if no tier kept it.
+        ``l1_ttl``: this entry's near-cache bound in seconds (an operator rule), else the
+        store's. Returns the stored resource, or None if no tier kept it.
         """
         current = base or self._l1.peek(key, now)
         resource = current.with_variant(entry) if current else Resource((entry,))
@@ -193,19 +197,21 @@ class TieredStore:
                 log.debug(f"mitmcache: L2 set fell back to L1: {e}")
             else:
                 self.metrics.stores.labels("l2").inc()
-                if self.l1_ttl <= 0:
+                near = self.l1_ttl if l1_ttl is None else l1_ttl
+                if near <= 0:
                     self._l1.delete(key)  # L1 only as fallback: never shadow L2
                     self._update_gauges()
                 else:
-                    self._near_cache(key, resource, now)
+                    self._near_cache(key, resource, now, near)
                 return resource
         return resource if self._l1_set(key, resource, retain, now) else None
 
-    def _near_cache(self, key: str, resource: Resource, now: float) -> None:
+    def _near_cache(self, key: str, resource: Resource, now: float, l1_ttl: float | None = None) -> None:
         """Keep a copy of what L2 holds in L1 for at most ``l1_ttl`` seconds (never past the
         entry's own retention; its freshness fields are untouched: W10)."""
-        if self.l1_ttl > 0:
-            self._l1_set(key, resource, min(now + self.l1_ttl, resource.retain_until()), now)
+        near = self.l1_ttl if l1_ttl is None else l1_ttl
+        if near > 0:
+            self._l1_set(key, resource, min(now + near, resource.retain_until()), now)
 
     def _l1_set(self, key: str, resource: Resource, expires_at: float, now: float) -> bool:
         stored = self._l1.set(key, resource, resource.cost(), expires_at, now)

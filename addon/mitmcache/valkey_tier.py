@@ -213,9 +213,10 @@ class ValkeyTier:
         results = await asyncio.gather(*(ping(self.nodes[n]) for n in names))
         for name, error in zip(names, results):
             node = self.nodes[name]
-            if error is not None and node.up and not self._closed:
-                node.failures = FAILURE_THRESHOLD - 1
-                self._failed(node, "ping", L2Error(error))
+            if error is not None:
+                self.metrics.valkey_errors.labels(node.name, "ping").inc()
+                if node.up and not self._closed:
+                    self._mark_down(node)  # the caller names the node in its start-up report
         return dict(zip(names, results))
 
     # ------------------------------------------------------------------ breaker
@@ -243,14 +244,18 @@ class ValkeyTier:
         self.metrics.valkey_errors.labels(node.name, op).inc()
         node.failures += 1
         if node.up and node.failures >= FAILURE_THRESHOLD and not self._closed:
-            node.up = False
-            self.metrics.ring_state_changes.inc()
-            self._update_member_gauges()
             log.warning(
                 f"mitmcache: Valkey node {node.name} marked down after {node.failures} failures "
                 f"({type(error).__name__}: {error}); serving its keys from L1 and the origin"
             )
-            node.probe_task = asyncio.get_running_loop().create_task(self._probe(node))
+            self._mark_down(node)
+
+    def _mark_down(self, node: Node) -> None:
+        """Skip the node at once; a probe PINGs it until it answers (then it rejoins)."""
+        node.up = False
+        self.metrics.ring_state_changes.inc()
+        self._update_member_gauges()
+        node.probe_task = asyncio.get_running_loop().create_task(self._probe(node))
 
     async def _probe(self, node: Node) -> None:
         while not self._closed:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from ..service import CacheService
 from .admin import Admin
 from .http_cache import HttpCache
+from .policies import Policies
 from .revalidation import Revalidation
 from .storage import Storage
 from .tracing import Tracing
@@ -17,7 +18,10 @@ from .tracing import Tracing
 
 def default_addons(service: CacheService) -> list[object]:
     http_cache = HttpCache(service)
-    return [Storage(service), Revalidation(service), Tracing(service), http_cache, Admin(service, http_cache)]
+    return [
+        Storage(service), Revalidation(service), Policies(service), Tracing(service), http_cache,
+        Admin(service, http_cache),
+    ]
 
 
 class MitmCache:

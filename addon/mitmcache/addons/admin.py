@@ -17,7 +17,7 @@ from mitmproxy.proxy import mode_specs
 from ..semantics import StoredResponse
 from ..service import CacheService
 from ..store import Resource
-from .config import reject_unparsable_ints, report_option_errors, spawn
+from .config import reject_unknown, reject_unparsable, report_option_errors, spawn
 from .http_cache import METADATA_KEY, HttpCache
 
 log = logging.getLogger("mitmcache")
@@ -59,10 +59,11 @@ class Admin:
 
     def load(self, loader) -> None:  # type: ignore[no-untyped-def]
         loader.add_option("cache_metrics_port", int, 0, "Serve Prometheus metrics on 127.0.0.1:PORT (0 = off).")
-        reject_unparsable_ints(loader, ("cache_metrics_port",))
+        reject_unparsable(loader, ("cache_metrics_port",))
 
     @report_option_errors
     def configure(self, updated: set[str]) -> None:
+        reject_unknown()  # the last of the cache's addons: every cache_* option is declared by now
         if "cache_metrics_port" in updated:
             port = ctx.options.cache_metrics_port
             if not 0 <= port <= 65535:
@@ -81,13 +82,14 @@ class Admin:
 
     # ------------------------------------------------------------------ keys from URLs
 
-    def _keys(self, url: str) -> list[str]:
+    def _keys(self, url: str, include_given: bool = True) -> list[str]:
         """Keys a URL may name. When its port is one of this proxy's reverse-mode listeners
         (the URL the client used), first the key of the origin's URL the entry is stored under
         (with the client's authority joined in when ``keep_host_header`` passes it upstream);
-        then the URL as given (it may be an origin's own URL)."""
-        keys = self.service.keys
-        key = keys.for_url(url)
+        then the URL as given (it may be an origin's own URL; ``include_given=False`` leaves it
+        out when a listener matched)."""
+        keys, service = self.service.keys, self.service
+        key = keys.for_url(url, service.policy_for_url(url, ()))
         if key is None:
             raise exceptions.CommandError(f"not an absolute http(s) URL: {url!r}")
         out: list[str] = []
@@ -102,10 +104,12 @@ class Admin:
             if isinstance(mode, mode_specs.ReverseMode) and mode.listen_port(ctx.options.listen_port) == port:
                 host, origin_port = mode.address
                 host_header = parts.netloc.rpartition("@")[2] if getattr(ctx.options, "keep_host_header", False) else None
-                origin_key = keys.build(mode.scheme, host, origin_port, path, host_header)
+                netloc = f"[{host}]:{origin_port}" if ":" in host else f"{host}:{origin_port}"
+                origin_policy = service.policy_for_url(f"{mode.scheme}://{netloc}{path}", ())
+                origin_key = keys.build(mode.scheme, host, origin_port, path, host_header, origin_policy)
                 if origin_key not in out:
                     out.append(origin_key)
-        if key not in out:
+        if key not in out and (include_given or not out):
             out.append(key)
         return out
 
@@ -124,7 +128,7 @@ class Admin:
         return json.dumps(
             {
                 **service.store.l1_stats(),
-                "l2_nodes": service.store.members(),
+                "l2_nodes": {name: "up" if up else "down" for name, up in service.store.members().items()},
                 "requests": counts,
                 "fetches_in_flight": len(service.coalescer.flights),
                 "revalidations_pending": len(service.revalidator.in_progress),
@@ -167,7 +171,10 @@ class Admin:
             view: dict[str, object] = {"url": f.request.url, "method": f.request.method}
             if summary is None:
                 view["x-cache-status"] = None
-                view["why"] = "not handled by the cache (only GET and HEAD are looked up)"
+                view["why"] = (
+                    "not looked up or stored: only GET and HEAD are; a 2xx/3xx answer to an unsafe "
+                    "method invalidates the URL and its same-origin Location/Content-Location (RFC 9111 §4.4)"
+                )
             else:
                 view.update(summary)
             out.append(view)
@@ -180,7 +187,7 @@ class Admin:
         the background: commands cannot wait for I/O without stalling the proxy)."""
         store, now = self.service.store, time.time()
         views = []
-        for key in self._keys(url):
+        for key in self._keys(url, include_given=False):
             view: dict[str, object] = {"key": key, "l1": _resource_view(store.peek(key, now), now)}
             if store.has_l2:
                 view["l2"] = self._l2_views.get(key, "pending: run cache.inspect again")

@@ -13,6 +13,7 @@ rejected.
 from __future__ import annotations
 
 import asyncio
+import difflib
 import functools
 import logging
 from collections.abc import Callable, Coroutine, Iterable
@@ -53,19 +54,40 @@ def report_option_errors[F: Callable[..., None]](configure: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def reject_unparsable_ints(loader: Any, names: Iterable[str]) -> None:
-    """Call at the end of ``load``: a ``--set name=abc`` for an int option stops start-up with
-    one line naming it (mitmproxy itself would drop the whole script without a word)."""
+def reject_unparsable(loader: Any, names: Iterable[str]) -> None:
+    """Call at the end of ``load``: a ``--set name=abc`` for an int option, or a bool option
+    set to anything but true/false, stops start-up with one line naming it (mitmproxy itself
+    would drop the whole script without a word)."""
     options = loader.master.options
     for name in names:
         pending = getattr(options.deferred.get(name), "val", None)  # --set values not yet parsed
         if not pending:
             continue
+        value = pending[-1]
+        kind = options._options[name].typespec if name in options._options else None
+        if kind is bool:
+            if value not in ("", "true", "false", "toggle"):
+                del options.deferred[name]
+                stop_startup(f"{name}: not a boolean: {value!r} (true or false)")
+            continue
         try:
-            int(pending[-1])
+            int(value)
         except ValueError:
             del options.deferred[name]
-            stop_startup(f"{name}: not an integer: {pending[-1]!r}")
+            stop_startup(f"{name}: not an integer: {value!r}")
+
+
+def reject_unknown() -> None:
+    """At start-up, a ``--set cache_…`` name that no addon declares stops the proxy with one line
+    (mitmproxy keeps unknown names deferred without a word: a typo would silently change
+    nothing). Close matches are suggested."""
+    if not starting_up():
+        return
+    known = [n for n in ctx.options.keys() if n.startswith("cache_")]
+    for name in list(ctx.options.deferred):
+        if name.startswith("cache_") and name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            stop_startup(f"{name}: no such option" + (f" (did you mean {close[0]}?)" if close else ""))
 
 
 def parse_size(name: str, value: str, minimum: int = 0) -> int:

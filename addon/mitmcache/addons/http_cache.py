@@ -17,8 +17,10 @@ from ..messages import Request, Response
 from ..semantics import format_http_date
 from ..outcome import HIT, STALE, Outcome
 from ..pipeline import Exchange
+from ..policy import PolicySet
 from ..service import CacheService
-from .config import report_option_errors
+from .config import reject_unparsable, report_option_errors
+from .policies import match_flow
 
 log = logging.getLogger("mitmcache")
 
@@ -26,11 +28,12 @@ METADATA_KEY = "mitmcache"
 MARKERS = {HIT: ":green_circle:", STALE: ":orange_circle:"}
 
 
-def request_from_flow(flow: http.HTTPFlow) -> Request:
+def request_from_flow(flow: http.HTTPFlow, policies: PolicySet) -> Request:
     r = flow.request
     return Request(
         r.method, r.scheme, r.host, r.port, r.path, r.url,
         tuple(r.headers.items(multi=True)), r.host_header, r.timestamp_start or time.time(),
+        match_flow(policies, flow) if policies else None,
     )
 
 
@@ -74,6 +77,7 @@ class HttpCache:
             "cache_mark_flows", bool, True,
             "Mark flows answered from the cache in the flow list (HIT green, STALE orange).",
         )
+        reject_unparsable(loader, ("cache_mark_flows",))
 
     @report_option_errors
     def configure(self, updated: set[str]) -> None:
@@ -88,7 +92,7 @@ class HttpCache:
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None or flow.error is not None:
             return  # already answered by someone else
-        ex = await self.service.pipeline.request(request_from_flow(flow))
+        ex = await self.service.pipeline.request(request_from_flow(flow, self.service.policies))
         if ex.reply is not None:
             flow.response = to_mitmproxy(ex.reply)
             self._render(flow, ex.outcome)

@@ -8,7 +8,7 @@ from mitmproxy import ctx
 
 from ..origin_client import OriginClient, tls_verification
 from ..service import CacheService
-from .config import at_least, reject_unparsable_ints, report_option_errors, spawn
+from .config import at_least, reject_unparsable, report_option_errors, spawn
 
 # mitmproxy's own TLS options that the cache's origin client follows.
 TLS_OPTIONS = {"ssl_insecure", "ssl_verify_upstream_trusted_ca", "ssl_verify_upstream_trusted_confdir"}
@@ -46,7 +46,7 @@ class Revalidation:
             "cache_origin_timeout_ms", int, 10000,
             "Timeout of the cache's own requests to the origin (revalidation, stale-if-error).",
         )
-        reject_unparsable_ints(loader, INT_OPTIONS)
+        reject_unparsable(loader, INT_OPTIONS)
 
     @report_option_errors
     def configure(self, updated: set[str]) -> None:

@@ -15,7 +15,7 @@ from .. import semantics as sem
 from ..ring import ValkeyURLError, parse_valkey_urls
 from ..service import CacheService
 from ..valkey_tier import ValkeyTier
-from .config import at_least, parse_size, reject_unparsable_ints, report_option_errors, spawn
+from .config import at_least, parse_size, reject_unparsable, report_option_errors, spawn
 
 log = logging.getLogger("mitmcache")
 
@@ -71,7 +71,7 @@ class Storage:
             "cache_valkey_timeout_ms", int, 250,
             "Timeout of one Valkey operation in milliseconds; a slower node counts as failing.",
         )
-        reject_unparsable_ints(loader, INT_OPTIONS)
+        reject_unparsable(loader, INT_OPTIONS)
 
     @report_option_errors
     def configure(self, updated: set[str]) -> None:
@@ -116,7 +116,7 @@ class Storage:
                 nodes, opts.cache_key_prefix, timeout_ms, metrics, store.forget_node,
                 tls_ca=opts.cache_valkey_tls_ca or None,
             )
-            log.info(f"mitmcache: L2 ring of {len(nodes)} Valkey nodes: {', '.join(n.name for n in nodes)}")
+            log.info(f"mitmcache: L2 ring of {len(nodes)} Valkey node(s): {', '.join(n.name for n in nodes)}")
         else:
             metrics.ring_members.labels("up").set(0)
             metrics.ring_members.labels("down").set(0)

@@ -8,7 +8,7 @@ from mitmproxy import ctx, exceptions
 
 from ..outcome import Observer
 from ..service import CacheService
-from .config import report_option_errors
+from .config import reject_unparsable, report_option_errors
 
 log = logging.getLogger("mitmcache")
 
@@ -26,6 +26,7 @@ class Tracing:
             "Emit an OpenTelemetry span per request and revalidation (needs mitmcache[tracing] and "
             "a configured tracer provider, e.g. opentelemetry-instrument).",
         )
+        reject_unparsable(loader, ("cache_tracing",))
 
     @report_option_errors
     def configure(self, updated: set[str]) -> None:
@@ -43,4 +44,7 @@ class Tracing:
                 ) from None
             self.observer = TracingObserver()
             self.service.observers.append(self.observer)
-            log.info("mitmcache: tracing on (OpenTelemetry)")
+            log.info(
+                "mitmcache: tracing on (OpenTelemetry): spans go to the global tracer provider; "
+                "none configured means they are discarded (see README, Tracing)"
+            )
