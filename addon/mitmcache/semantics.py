@@ -137,14 +137,21 @@ def parse_http_date(value: str | None, now: float | None = None) -> float | None
         day, month, year, hour, minute, second = m.groups()
     elif m := _RFC850_DATE.fullmatch(text):
         day, month, yy, hour, minute, second = m.groups()
-        this_year = datetime.datetime.fromtimestamp(time.time() if now is None else now, datetime.UTC).year
-        year = str(this_year - this_year % 100 + int(yy))
-        if int(year) > this_year + 50:
-            year = str(int(year) - 100)
+        now = time.time() if now is None else now
+        this_year = datetime.datetime.fromtimestamp(now, datetime.UTC).year
+        century = this_year - this_year % 100
+        parsed = _date(str(century + int(yy)), month, day, hour, minute, second)
+        if parsed is not None and parsed > now + 50 * 365.2425 * 86400:
+            parsed = _date(str(century - 100 + int(yy)), month, day, hour, minute, second)
+        return parsed
     elif m := _ASCTIME_DATE.fullmatch(text):
         month, day, hour, minute, second, year = m.groups()
     else:
         return None
+    return _date(year, month, day, hour, minute, second)
+
+
+def _date(year: str, month: str, day: str, hour: str, minute: str, second: str) -> float | None:
     try:
         parsed = datetime.datetime(
             int(year), _MONTHS.index(month) + 1, int(day), int(hour), int(minute), min(int(second), 59),
@@ -174,16 +181,26 @@ def parse_delta_seconds(value: str | None) -> int | None:
 
 # --------------------------------------------------------------------------- Cache-Control
 
-# RFC 9213 §2: targeted fields are Structured Field dictionaries; a member is key[=item][;params].
-_SF_MEMBER = re.compile(
-    r'[a-z*][a-z0-9_\-.*]*(?:=(?:"(?:[^"\\]|\\.)*"|[A-Za-z0-9*:/!#$%&\'+\-.^_`|~?]+))?(?:;.*)?'
-)
+# RFC 9213 §2.1: targeted fields are Structured Field Dictionaries (RFC 8941 §3.2): members
+# key[=item][;params], separated by commas; an empty member, a bad key or an integer of more
+# than 15 digits makes the whole field invalid (then it is ignored).
+_SF_KEY = r"[a-z*][a-z0-9_\-.*]*"
+_SF_ITEM = r'(?:-?[0-9]{1,15}(?:\.[0-9]{1,3})?|"(?:[^"\\]|\\.)*"|[A-Za-z*][A-Za-z0-9*:/!#$%&\'+\-.^_`|~]*|\?[01])'
+_SF_PARAMS = rf"(?:;[ ]*{_SF_KEY}(?:={_SF_ITEM})?)*"
+_SF_MEMBER = re.compile(rf"({_SF_KEY})(?:=({_SF_ITEM}))?{_SF_PARAMS}")
 CDN_CACHE_CONTROL = "cdn-cache-control"
 
 
-def _valid_targeted(values: list[str]) -> bool:
-    members = split_list(values)
-    return bool(members) and all(_SF_MEMBER.fullmatch(m) for m in members)
+def _sf_dictionary(values: list[str]) -> list[str] | None:
+    """The members of a Structured Field Dictionary as ``key`` or ``key=value`` (parameters
+    dropped: RFC 9213 §2.1 ignores them), or None if the field does not parse."""
+    members: list[str] = []
+    for raw in ",".join(values).split(","):  # no quoted commas in cache directives' values
+        m = _SF_MEMBER.fullmatch(raw.strip(" \t"))
+        if m is None:
+            return None
+        members.append(m.group(1) if m.group(2) is None else f"{m.group(1)}={m.group(2)}")
+    return members
 
 
 def cache_policy(headers: HeaderList, targets: Sequence[str] = ()) -> tuple[list[str], bool]:
@@ -195,8 +212,9 @@ def cache_policy(headers: HeaderList, targets: Sequence[str] = ()) -> tuple[list
     """
     for name in targets:
         values = header_values(headers, name)
-        if values and _valid_targeted(values):
-            return values, True
+        members = _sf_dictionary(values) if values else None
+        if members:
+            return members, True
     return header_values(headers, "cache-control"), False
 
 
@@ -854,8 +872,8 @@ def validator_304_matches(entry: StoredResponse, response_headers: HeaderList) -
 
     A strong ETag in the 304 selects only a stored response with that same strong ETag (a
     weak stored one is not it); a weak ETag selects by weak comparison; with only
-    Last-Modified, that must match; with neither, the single stored response we asked about is
-    updated.
+    Last-Modified, the stored one must carry the same; with neither, only a stored response
+    that also lacks validators is selected.
     """
     etag = header_get(response_headers, "etag")
     if etag is not None:
@@ -865,9 +883,11 @@ def validator_304_matches(entry: StoredResponse, response_headers: HeaderList) -
             return etags_weak_match(etag, entry.etag)
         return etags_strong_match(etag, entry.etag)
     last_modified = header_get(response_headers, "last-modified")
-    if last_modified is not None and entry.last_modified is not None:
-        return parse_http_date(last_modified) == parse_http_date(entry.last_modified)
-    return True
+    if last_modified is not None:
+        return entry.last_modified is not None and parse_http_date(last_modified) == parse_http_date(
+            entry.last_modified
+        )
+    return entry.etag is None and entry.last_modified is None
 
 
 def merge_304(

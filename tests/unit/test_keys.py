@@ -71,3 +71,47 @@ def test_for_url_rejects_what_is_not_an_absolute_http_url(url: str) -> None:
 def test_invalidation_4_4(method: str, status: int, headers: list[tuple[str, str]], expected: list[str]) -> None:
     urls = sem.invalidation_targets(method, status, "http://o.example/r", headers)
     assert [KEYS.for_url(u) for u in urls] == expected
+
+
+@pytest.mark.parametrize(
+    "path, expected",
+    [
+        pytest.param("/caf%c3%a9", "http://o.example/caf%C3%A9", id="hex digits upper-cased RFC 3986 §6.2.2.1"),
+        pytest.param("/caf%C3%A9", "http://o.example/caf%C3%A9", id="upper-case hex kept RFC 3986 §6.2.2.1"),
+        pytest.param("/%7Euser", "http://o.example/~user", id="%7E is unreserved ~: decoded RFC 3986 §6.2.2.2"),
+        pytest.param("/%7euser", "http://o.example/~user", id="%7e lower-case decoded too RFC 3986 §6.2.2.2"),
+        pytest.param("/%41%62%30%2D%2E%5F", "http://o.example/Ab0-._", id="ALPHA DIGIT - . _ decoded RFC 3986 §6.2.2.2"),
+        pytest.param("/a%2Fb", "http://o.example/a%2Fb", id="%2F is reserved /: kept encoded RFC 3986 §2.2"),
+        pytest.param("/a%2fb", "http://o.example/a%2Fb", id="%2f kept encoded, upper-cased RFC 3986 §6.2.2.1"),
+        pytest.param("/a%3Fb%23c%26d%3De", "http://o.example/a%3Fb%23c%26d%3De", id="? # & = kept encoded RFC 3986 §2.2"),
+        pytest.param("/%20", "http://o.example/%20", id="space is not unreserved RFC 3986 §2.3"),
+        pytest.param("/%252F", "http://o.example/%252F", id="%25 kept: no double decoding RFC 3986 §2.4"),
+        pytest.param("/p?q=%7e&r=%c3%a9", "http://o.example/p?q=~&r=%C3%A9", id="query normalised the same way RFC 3986 §6.2.2"),
+        pytest.param("/p?q=%2f", "http://o.example/p?q=%2F", id="reserved in query kept encoded RFC 3986 §2.2"),
+        pytest.param("/%zz", "http://o.example/%zz", id="invalid %zz unchanged"),
+        pytest.param("/%c", "http://o.example/%c", id="truncated %c unchanged"),
+        pytest.param("/100%", "http://o.example/100%", id="trailing % unchanged"),
+        pytest.param("/~user", "http://o.example/~user", id="no percent-encoding: unchanged"),
+    ],
+)
+def test_key_normalises_percent_encoding_rfc_3986_6_2_2(path: str, expected: str) -> None:
+    assert KEYS.build("http", "o.example", 80, path) == expected
+
+
+@pytest.mark.parametrize(
+    "a, b, same",
+    [
+        pytest.param("/caf%c3%a9", "/caf%C3%A9", True, id="case of hex digits RFC 3986 §6.2.2.1"),
+        pytest.param("/%7Euser", "/~user", True, id="encoded and plain unreserved RFC 3986 §6.2.2.2"),
+        pytest.param("/p?q=%41", "/p?q=A", True, id="encoded and plain unreserved in query RFC 3986 §6.2.2.2"),
+        pytest.param("/a%2Fb", "/a/b", False, id="encoded / is another URI RFC 3986 §2.2"),
+        pytest.param("/p?a=1%26b=2", "/p?a=1&b=2", False, id="encoded & is another query RFC 3986 §2.2"),
+    ],
+)
+def test_equivalent_targets_share_a_key_rfc_3986_6_2_2(a: str, b: str, same: bool) -> None:
+    assert (KEYS.build("http", "o.example", 80, a) == KEYS.build("http", "o.example", 80, b)) is same
+
+
+def test_purge_url_is_normalised_like_a_request() -> None:
+    req = Request("GET", "http", "o.example", 80, "/caf%c3%a9?x=%7e", "http://o.example/caf%c3%a9?x=%7e", ())
+    assert KEYS.for_request(req) == KEYS.for_url("http://o.example/caf%C3%A9?x=~") == "http://o.example/caf%C3%A9?x=~"

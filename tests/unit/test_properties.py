@@ -28,6 +28,21 @@ VALUES = st.one_of(
 HEADERS = st.lists(st.tuples(NAMES, VALUES), max_size=8)
 NOW = 1_800_000_000.0
 
+# RFC 9110 §5.5: field-value = *field-content; field-content = field-vchar [ 1*( SP / HTAB /
+# field-vchar ) field-vchar ]; field-vchar = VCHAR / obs-text (0x21-0x7E, 0x80-0xFF).
+FIELD_VCHAR = st.sampled_from([*range(0x21, 0x7F), *range(0x80, 0x100)])
+FIELD_CHAR = st.one_of(FIELD_VCHAR, st.sampled_from([0x20, 0x09]))
+FIELD_VALUES = st.one_of(
+    st.just(b""),
+    FIELD_VCHAR.map(lambda c: bytes([c])),
+    st.builds(lambda first, inner, last: bytes([first, *inner, last]), FIELD_VCHAR, st.lists(FIELD_CHAR, max_size=30), FIELD_VCHAR),
+)
+
+
+def as_mitmproxy_str(raw: bytes) -> str:
+    """How mitmproxy hands header bytes to addons: UTF-8 with surrogateescape."""
+    return raw.decode("utf-8", "surrogateescape")
+
 
 @settings(max_examples=400, deadline=None)
 @given(req=HEADERS, resp=HEADERS, status=st.integers(100, 599), body=st.binary(max_size=64),
@@ -66,3 +81,17 @@ def test_codec_rejects_arbitrary_bytes_cleanly(data: bytes) -> None:
         codec.decode(data)
     except codec.DecodeError:
         pass
+
+
+@settings(max_examples=60, deadline=None)
+@given(raws=st.lists(FIELD_VALUES, min_size=1, max_size=3))
+def test_codec_round_trips_any_field_value_bytes_rfc_9110_5_5(raws: list[bytes]) -> None:
+    """The L2 value keeps header bytes (obs-text, SP/HTAB inside) exactly, ETag too."""
+    values = [as_mitmproxy_str(r) for r in raws]
+    resp = [("Cache-Control", "max-age=60"), ("ETag", values[0]), *(("X-Bytes", v) for v in values)]
+    entry = sem.make_stored_response(200, "OK", [], resp, b"body", NOW, NOW)
+    (decoded,) = codec.decode(codec.encode((entry,)))
+    assert decoded == entry
+    assert decoded.headers == entry.headers
+    assert [v.encode("utf-8", "surrogateescape") for v in sem.header_values(decoded.headers, "x-bytes")] == raws
+    assert decoded.etag is not None and decoded.etag.encode("utf-8", "surrogateescape") == raws[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import calendar
 import math
 
 import pytest
@@ -240,7 +241,8 @@ def test_304_merge_updates_headers_but_not_framing_3_2() -> None:
 VALIDATOR_304 = [
     ("same strong ETag", [("ETag", '"a"')], [("ETag", '"a"')], True),
     ("other ETag", [("ETag", '"b"')], [("ETag", '"a"')], False),
-    ("no validator in 304", [], [("ETag", '"a"')], True),
+    ("no validator in 304 selects only a stored response without one", [], [("ETag", '"a"')], False),
+    ("no validator in 304, none stored", [], [], True),
     ("Last-Modified matches", [("Last-Modified", date(-100))], [("Last-Modified", date(-100))], True),
     ("Last-Modified differs", [("Last-Modified", date(-50))], [("Last-Modified", date(-100))], False),
 ]
@@ -391,3 +393,418 @@ def test_byte_ranges_from_a_stored_200_rfc_9110_14(case: tuple) -> None:
 def test_no_ranges_from_other_statuses() -> None:
     e = entry([("Cache-Control", "max-age=60")], status=404, body=b"0123456789")
     assert sem.select_range([("Range", "bytes=0-1")], e) is None
+
+
+# --------------------------------------------------------------------------- HTTP-date grammar (RFC 9110 §5.6.7)
+
+# RFC 850 two-digit years are read relative to this clock (passed as now=): 2026-01-15.
+DATE_NOW = float(calendar.timegm((2026, 1, 15, 0, 0, 0)))
+
+
+def utc(year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0) -> float:
+    return float(calendar.timegm((year, month, day, hour, minute, second)))
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        pytest.param("Sun, 06 Nov 1994 08:49:37 GMT", utc(1994, 11, 6, 8, 49, 37), id="IMF-fixdate §5.6.7"),
+        pytest.param("Thu, 18 Aug 2050 02:01:18 GMT", utc(2050, 8, 18, 2, 1, 18), id="IMF-fixdate in the future §5.6.7"),
+        pytest.param("Thu, 29 Feb 2024 00:00:00 GMT", utc(2024, 2, 29), id="IMF-fixdate leap day §5.6.7"),
+        pytest.param("Sun, 06 Nov 1994 08:49:37 GMT ", utc(1994, 11, 6, 8, 49, 37), id="surrounding OWS is not part of the field value §5.5"),
+        pytest.param("Sunday, 06-Nov-94 08:49:37 GMT", utc(1994, 11, 6, 8, 49, 37), id="rfc850-date: 94 is 76 years ahead, so 1994 §5.6.7"),
+        pytest.param("Thursday, 18-Aug-50 02:01:18 GMT", utc(2050, 8, 18, 2, 1, 18), id="rfc850-date: 50 is 24 years ahead, so 2050 §5.6.7"),
+        pytest.param("Wednesday, 01-Jan-75 00:00:00 GMT", utc(2075, 1, 1), id="rfc850-date: 49 years ahead stays in this century §5.6.7"),
+        pytest.param("Friday, 01-Jan-77 00:00:00 GMT", utc(1977, 1, 1), id="rfc850-date: 51 years ahead is the past century §5.6.7"),
+        pytest.param("Thursday, 01-Jan-26 00:00:00 GMT", utc(2026, 1, 1), id="rfc850-date: this year §5.6.7"),
+        pytest.param("Friday, 31-Dec-99 23:59:59 GMT", utc(1999, 12, 31, 23, 59, 59), id="rfc850-date: 99 is 1999 §5.6.7"),
+        pytest.param(
+            "Tuesday, 01-Dec-76 00:00:00 GMT", utc(1976, 12, 1),
+            id="rfc850-date: a timestamp 50 years 10 months ahead is the past century §5.6.7",
+        ),
+        pytest.param("Sun Nov  6 08:49:37 1994", utc(1994, 11, 6, 8, 49, 37), id="asctime-date: one-digit day after two spaces §5.6.7"),
+        pytest.param("Wed Nov 16 08:49:37 1994", utc(1994, 11, 16, 8, 49, 37), id="asctime-date: two-digit day §5.6.7"),
+        pytest.param("Sun Nov 06 08:49:37 1994", utc(1994, 11, 6, 8, 49, 37), id="asctime-date: date3 allows 2DIGIT §5.6.7"),
+        pytest.param("Wed, 31 Dec 2025 23:59:60 GMT", utc(2025, 12, 31, 23, 59, 59), id="leap second 60 accepted (clamped to 59) §5.6.7"),
+    ],
+)
+def test_http_date_accepts_the_three_forms_5_6_7(value: str, expected: float) -> None:
+    assert sem.parse_http_date(value, now=DATE_NOW) == expected
+
+
+INVALID_HTTP_DATES = [
+    pytest.param("Thu, 18 Aug 2050 02:01:18 UTC", id="UTC is not GMT"),
+    pytest.param("Thu, 18 Aug 2050 02:01:18 +1000", id="numeric zone"),
+    pytest.param("Thu, 18 Aug 2050 02:01:18 +0000", id="numeric zone even +0000"),
+    pytest.param("Thu, 18 Aug 2050 02:01:18", id="no zone"),
+    pytest.param("Thu, 18 Aug 50 02:01:18 GMT", id="two-digit year in IMF-fixdate"),
+    pytest.param("Thu 18 Aug 2050 02:01:18 GMT", id="missing comma"),
+    pytest.param("Thu,  18 Aug 2050 02:01:18 GMT", id="doubled space"),
+    pytest.param("Thu,\t18 Aug 2050 02:01:18 GMT", id="HTAB for SP"),
+    pytest.param("Thu, 18-Aug-2050 02:01:18 GMT", id="dashes in IMF-fixdate"),
+    pytest.param("Thu, 18 Aug 2050 02.01.18 GMT", id="periods in time-of-day"),
+    pytest.param("Thu, 18 Aug 2050 2:01:18 GMT", id="one-digit hour"),
+    pytest.param("Thu, 8 Aug 2050 02:01:18 GMT", id="one-digit day in IMF-fixdate"),
+    pytest.param("Thu, 18 Aug 2050 02:01:18 gmt", id="lower-case gmt (case-sensitive)"),
+    pytest.param("thu, 18 Aug 2050 02:01:18 GMT", id="lower-case day-name (case-sensitive)"),
+    pytest.param("Thu, 18 aug 2050 02:01:18 GMT", id="lower-case month (case-sensitive)"),
+    pytest.param("Thu, 18 August 2050 02:01:18 GMT", id="long month name"),
+    pytest.param("Thursday, 18 Aug 2050 02:01:18 GMT", id="long day-name in IMF-fixdate"),
+    pytest.param("Thursday, 18-Aug-2050 02:01:18 GMT", id="four-digit year in rfc850-date"),
+    pytest.param("Thu, 18-Aug-50 02:01:18 GMT", id="short day-name in rfc850-date"),
+    pytest.param("Thu Aug 18 02:01:18 50", id="two-digit year in asctime-date"),
+    pytest.param("Thu, \u0661\u0668 Aug 2050 02:01:18 GMT", id="Arabic-Indic digits"),
+    pytest.param("Thu, 18 Aug \uff12\uff10\uff15\uff10 02:01:18 GMT", id="fullwidth digits"),
+    pytest.param("Thu, 30 Feb 2050 02:01:18 GMT", id="Feb 30"),
+    pytest.param("Thu, 18 Aug 2050 24:00:00 GMT", id="hour 24"),
+    pytest.param("Thu, 18 Aug 2050 02:60:18 GMT", id="minute 60"),
+    pytest.param("", id="empty"),
+    pytest.param(None, id="None"),
+]
+
+
+@pytest.mark.parametrize("value", INVALID_HTTP_DATES)
+def test_http_date_rejects_anything_else_5_6_7(value: str | None) -> None:
+    assert sem.parse_http_date(value, now=DATE_NOW) is None
+
+
+# Expires: 2030-01-01 00:00:00 GMT, a Tuesday; Date: NOW.
+EXPIRES_AT = utc(2030, 1, 1)
+
+
+@pytest.mark.parametrize(
+    "expires, expected",
+    [
+        pytest.param("Tue, 01 Jan 2030 00:00:00 GMT", (EXPIRES_AT - NOW, False), id="IMF-fixdate Expires - Date §4.2.1"),
+        pytest.param("Tuesday, 01-Jan-30 00:00:00 GMT", (EXPIRES_AT - NOW, False), id="rfc850-date Expires - Date §4.2.1"),
+        pytest.param("Tue Jan  1 00:00:00 2030", (EXPIRES_AT - NOW, False), id="asctime-date Expires - Date §4.2.1"),
+    ],
+)
+def test_expires_in_any_http_date_form_gives_its_lifetime_4_2_1(expires: str, expected: tuple[float, bool]) -> None:
+    assert sem.freshness_lifetime(200, [("Date", date()), ("Expires", expires)], NOW) == expected
+
+
+@pytest.mark.parametrize("expires", [p for p in INVALID_HTTP_DATES if p.values[0] is not None])
+def test_expires_that_is_not_an_http_date_means_stale_5_3(expires: str) -> None:
+    assert sem.freshness_lifetime(200, [("Date", date()), ("Expires", expires)], NOW) == (0.0, False)
+
+
+# --------------------------------------------------------------------------- Age (RFC 9111 §5.1)
+
+
+@pytest.mark.parametrize(
+    "headers, expected",
+    [
+        pytest.param([("Age", "7200, 0")], 7200.0, id="list: first member used §5.1"),
+        pytest.param([("Age", "0, 7200")], 0.0, id="list: later members discarded §5.1"),
+        pytest.param([("Age", "7200"), ("Age", "0")], 7200.0, id="two lines: first used §5.1"),
+        pytest.param([("Age", "abc, 5")], 0.0, id="invalid first member: field ignored §5.1"),
+        pytest.param([("Age", "-3, 5")], 0.0, id="negative first member: field ignored §5.1"),
+        pytest.param([("Age", "abc"), ("Age", "5")], 0.0, id="invalid first line: field ignored §5.1"),
+    ],
+)
+def test_age_list_uses_its_first_member_5_1(headers: list[tuple[str, str]], expected: float) -> None:
+    assert sem.corrected_initial_age(headers, NOW, NOW) == expected
+
+
+def test_age_list_first_member_makes_a_max_age_response_stale_5_1() -> None:
+    e = entry([("Cache-Control", "max-age=3600"), ("Age", "7200, 0")])
+    assert e.initial_age >= 7200
+    assert not e.is_fresh(NOW)
+
+
+@pytest.mark.parametrize(
+    "headers, expected",
+    [
+        pytest.param([("Age", "7200, 0")], [], id="list with a valid first member is not malformed"),
+        pytest.param([("Age", "abc, 5")], ["age"], id="invalid first member is reported"),
+        pytest.param([("Age", "abc"), ("Age", "5")], ["age"], id="invalid first line is reported"),
+    ],
+)
+def test_malformed_age_is_reported_5_1(headers: list[tuple[str, str]], expected: list[str]) -> None:
+    assert sem.malformed_fields(headers) == expected
+
+
+# --------------------------------------------------------------------------- delta-seconds (RFC 9111 §1.2.2)
+
+HUGE = "9" * 5000  # int() refuses more than 4,300 digits: the parser must not call it
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        pytest.param(HUGE, 2**31, id="5,000 digits is 2^31 §1.2.2"),
+        pytest.param("1" + "0" * 4999, 2**31, id="5,000 digits from 1 is 2^31 §1.2.2"),
+        pytest.param("0" * 4999 + "7", 7, id="5,000 digits with leading zeros is 7 §1.2.2"),
+        pytest.param("2147483647", 2**31 - 1, id="2^31 - 1 kept §1.2.2"),
+        pytest.param("2147483648", 2**31, id="2^31 §1.2.2"),
+        pytest.param("99999999999", 2**31, id="beyond 2^31 is 2^31 §1.2.2"),
+        pytest.param("00060", 60, id="leading zeros §1.2.2"),
+        pytest.param("0", 0, id="zero §1.2.2"),
+        pytest.param('"60"', 60, id="quoted-string form accepted §5.2"),
+        pytest.param("\u00b2", None, id="superscript two is not a DIGIT §1.2.2"),
+        pytest.param("\u0666\u0660", None, id="Arabic-Indic digits are not DIGITs §1.2.2"),
+        pytest.param("-1", None, id="negative §1.2.2"),
+        pytest.param("+5", None, id="sign §1.2.2"),
+        pytest.param("1.5", None, id="decimal §1.2.2"),
+        pytest.param("1e3", None, id="exponent §1.2.2"),
+        pytest.param("", None, id="empty §1.2.2"),
+        pytest.param(None, None, id="absent"),
+    ],
+)
+def test_delta_seconds_1_2_2(value: str | None, expected: int | None) -> None:
+    assert sem.parse_delta_seconds(value) == expected
+
+
+@pytest.mark.parametrize(
+    "cc, max_age, s_maxage, invalid",
+    [
+        pytest.param(f"max-age={HUGE}", 2**31, None, False, id="5,000-digit max-age is 2^31 §1.2.2"),
+        pytest.param(f"s-maxage={HUGE}", None, 2**31, False, id="5,000-digit s-maxage is 2^31 §1.2.2"),
+        pytest.param("max-age=00060", 60, None, False, id="max-age=00060 is 60 §1.2.2"),
+        pytest.param("max-age=\u00b2", None, None, True, id="max-age=superscript two is invalid §4.2.1"),
+    ],
+)
+def test_response_delta_seconds_1_2_2(cc: str, max_age: int | None, s_maxage: int | None, invalid: bool) -> None:
+    d = sem.ResponseDirectives.from_headers([("Cache-Control", cc)])
+    assert (d.max_age, d.s_maxage, d.invalid_freshness) == (max_age, s_maxage, invalid)
+
+
+@pytest.mark.parametrize(
+    "cc, expected",
+    [
+        pytest.param(f"max-age={HUGE}", (2**31, None, None), id="5,000-digit max-age is 2^31 §1.2.2"),
+        pytest.param(f"min-fresh={HUGE}", (None, 2**31, None), id="5,000-digit min-fresh is 2^31 §1.2.2"),
+        pytest.param(f"max-stale={HUGE}", (None, None, 2**31), id="5,000-digit max-stale is 2^31 §1.2.2"),
+        pytest.param("max-age=00060, min-fresh=007, max-stale=0030", (60, 7, 30), id="leading zeros §1.2.2"),
+        pytest.param("max-age=\u00b2, min-fresh=\u00b2, max-stale=\u00b2", (None, None, None), id="superscript two ignored §1.2.2"),
+    ],
+)
+def test_request_delta_seconds_1_2_2(cc: str, expected: tuple[int | None, int | None, float | None]) -> None:
+    d = RequestDirectives.from_headers([("Cache-Control", cc)])
+    assert (d.max_age, d.min_fresh, d.max_stale) == expected
+
+
+@pytest.mark.parametrize(
+    "age, expected",
+    [
+        pytest.param(HUGE, float(2**31), id="5,000-digit Age is 2^31 §1.2.2"),
+        pytest.param("00060", 60.0, id="Age 00060 is 60 §1.2.2"),
+        pytest.param("\u00b2", 0.0, id="Age superscript two is ignored §5.1"),
+    ],
+)
+def test_age_delta_seconds_1_2_2(age: str, expected: float) -> None:
+    assert sem.corrected_initial_age([("Age", age)], NOW, NOW) == expected
+
+
+def test_five_thousand_digit_max_age_gives_a_2_31_lifetime() -> None:
+    assert sem.freshness_lifetime(200, [("Cache-Control", f"max-age={HUGE}")], NOW) == (float(2**31), False)
+
+
+# --------------------------------------------------------------------------- targeted Cache-Control (RFC 9213)
+
+TARGETS = ("mitmcache-cache-control", "cdn-cache-control")
+CC_60 = ("Cache-Control", "max-age=60")
+
+
+@pytest.mark.parametrize(
+    "headers, targets, expected",
+    [
+        pytest.param([CC_60, ("CDN-Cache-Control", "private")], TARGETS, NotStorable.PRIVATE, id="CDN private beats Cache-Control RFC 9213 §2.2"),
+        pytest.param([CC_60, ("CDN-Cache-Control", "no-store")], TARGETS, NotStorable.NO_STORE, id="CDN no-store beats Cache-Control RFC 9213 §2.2"),
+        pytest.param([CC_60, ("CDN-Cache-Control", "no-cache")], TARGETS, None, id="CDN no-cache: stored, validated on use RFC 9213 §2.2"),
+        pytest.param([("Cache-Control", "private"), ("CDN-Cache-Control", "max-age=60")], TARGETS, None, id="Cache-Control private ignored when targeted RFC 9213 §2.2"),
+        pytest.param([("Cache-Control", "no-store"), ("CDN-Cache-Control", "max-age=60")], TARGETS, None, id="Cache-Control no-store ignored when targeted RFC 9213 §2.2"),
+        pytest.param([CC_60, ("CDN-Cache-Control", "max-age=60"), ("Mitmcache-Cache-Control", "no-store")], TARGETS, NotStorable.NO_STORE, id="first target wins RFC 9213 §2.2"),
+        pytest.param([CC_60, ("CDN-Cache-Control", "private"), ("Mitmcache-Cache-Control", "max-age=5")], TARGETS, None, id="later target ignored RFC 9213 §2.2"),
+        pytest.param([CC_60, ("CDN-Cache-Control", 'private, ,, "')], TARGETS, None, id="invalid targeted field falls back RFC 9213 §2.1"),
+        pytest.param([CC_60, ("CDN-Cache-Control", "Private")], TARGETS, None, id="upper-case key is invalid: falls back RFC 9213 §2.1"),
+        pytest.param([CC_60, ("CDN-Cache-Control", "")], TARGETS, None, id="empty targeted field falls back RFC 9213 §2.2"),
+        pytest.param([CC_60, ("CDN-Cache-Control", "private")], (), None, id="without targets CDN-Cache-Control is ignored"),
+        pytest.param([("Cache-Control", "private"), ("CDN-Cache-Control", "max-age=60")], (), NotStorable.PRIVATE, id="without targets Cache-Control governs"),
+        pytest.param(
+            [("Cache-Control", "private"), ("CDN-Cache-Control", "max-age=60,, public")], TARGETS, NotStorable.PRIVATE,
+            id="empty list member is a Structured Field parse error: falls back RFC 9213 §2.1 RFC 8941 §4.2.2",
+        ),
+    ],
+)
+def test_targeted_field_decides_storability_rfc_9213(
+    headers: list[tuple[str, str]], targets: tuple[str, ...], expected: NotStorable | None
+) -> None:
+    assert sem.storability("GET", 200, [], headers, 10, 100, targets) == expected
+
+
+@pytest.mark.parametrize(
+    "headers, targets, expected",
+    [
+        pytest.param([("Cache-Control", "max-age=600"), ("CDN-Cache-Control", "max-age=10")], TARGETS, (10.0, False), id="CDN max-age overrides Cache-Control RFC 9213 §2.2"),
+        pytest.param([("Cache-Control", "s-maxage=600"), ("CDN-Cache-Control", "max-age=10")], TARGETS, (10.0, False), id="CDN max-age overrides Cache-Control s-maxage RFC 9213 §2.2"),
+        pytest.param(
+            [("Cache-Control", "max-age=600"), ("CDN-Cache-Control", "max-age=10"), ("Mitmcache-Cache-Control", "max-age=5")],
+            TARGETS, (5.0, False), id="Mitmcache-Cache-Control beats CDN-Cache-Control RFC 9213 §2.2",
+        ),
+        pytest.param(
+            [("Date", date()), ("Expires", date(600)), ("CDN-Cache-Control", "must-revalidate")],
+            TARGETS, (0.0, False), id="targeted field makes Expires ignored RFC 9213 §2.2",
+        ),
+        pytest.param([("Date", date()), ("Expires", date(600)), ("CDN-Cache-Control", "max-age=10")], TARGETS, (10.0, False), id="targeted max-age over Expires RFC 9213 §2.2"),
+        pytest.param([("Date", date()), ("Expires", date(600)), ("CDN-Cache-Control", "Max-Age=10")], TARGETS, (600.0, False), id="invalid targeted field: Expires used RFC 9213 §2.1"),
+        pytest.param([("Cache-Control", "max-age=600"), ("CDN-Cache-Control", 'max-age=10, ,, "')], TARGETS, (600.0, False), id="unterminated quote: falls back RFC 9213 §2.1"),
+        pytest.param([("Cache-Control", "max-age=600"), ("CDN-Cache-Control", "Max-Age=10")], TARGETS, (600.0, False), id="upper-case key: falls back RFC 9213 §2.1"),
+        pytest.param([("Cache-Control", "max-age=600"), ("CDN-Cache-Control", "max-age = 10")], TARGETS, (600.0, False), id="spaces around = : falls back RFC 9213 §2.1"),
+        pytest.param(
+            [("Cache-Control", "max-age=600"), ("CDN-Cache-Control", "max-age=10"), ("Mitmcache-Cache-Control", "Max-Age=5")],
+            TARGETS, (10.0, False), id="invalid first target falls back to the next RFC 9213 §2.2",
+        ),
+        pytest.param([("Cache-Control", "max-age=600"), ("CDN-Cache-Control", "")], TARGETS, (600.0, False), id="empty targeted field falls back RFC 9213 §2.2"),
+        pytest.param([("Cache-Control", "max-age=600"), ("CDN-Cache-Control", "max-age=10")], (), (600.0, False), id="without targets CDN-Cache-Control is ignored"),
+        pytest.param(
+            [("Cache-Control", "max-age=600"), ("CDN-Cache-Control", "max-age=10"), ("Mitmcache-Cache-Control", "max-age=5")],
+            ("cdn-cache-control",), (10.0, False), id="a field not on the target list is ignored RFC 9213 §2.2",
+        ),
+        pytest.param(
+            [("Cache-Control", "max-age=600"), ("CDN-Cache-Control", "max-age=10;foo=1")], TARGETS, (10.0, False),
+            id="parameters on a directive are ignored RFC 9213 §2.1",
+        ),
+        pytest.param(
+            [("Cache-Control", "max-age=600"), ("CDN-Cache-Control", "max-age=1234567890123456")], TARGETS, (600.0, False),
+            id="16-digit sf-integer is a parse error: falls back RFC 9213 §2.1 RFC 8941 §3.3.1",
+        ),
+    ],
+)
+def test_targeted_field_decides_freshness_rfc_9213(
+    headers: list[tuple[str, str]], targets: tuple[str, ...], expected: tuple[float, bool]
+) -> None:
+    assert sem.freshness_lifetime(200, headers, NOW, targets=targets) == expected
+
+
+@pytest.mark.parametrize(
+    "targets, requires_revalidation",
+    [
+        pytest.param(TARGETS, True, id="CDN no-cache: validate on every use RFC 9213 §2.2 RFC 9111 §5.2.2.4"),
+        pytest.param((), False, id="without targets: Cache-Control max-age=60 governs"),
+    ],
+)
+def test_targeted_no_cache_requires_revalidation_rfc_9213(targets: tuple[str, ...], requires_revalidation: bool) -> None:
+    e = sem.make_stored_response(200, "OK", [], [CC_60, ("CDN-Cache-Control", "no-cache")], b"b", NOW, NOW, targets=targets)
+    assert e.requires_revalidation is requires_revalidation
+    expected = Use.REVALIDATE if requires_revalidation else Use.FRESH
+    assert sem.decide(e, rd(""), NOW + 1).use is expected
+
+
+def test_targeted_field_hides_expires_from_the_explicit_freshness_test_rfc_9213() -> None:
+    # RFC 9111 §3: a 302 is stored only with explicit freshness; RFC 9213 §2.2: Expires is ignored.
+    headers = [("Date", date()), ("Expires", date(600)), ("CDN-Cache-Control", "must-revalidate")]
+    assert sem.storability("GET", 302, [], headers, 10, 100, TARGETS) == NotStorable.NOT_CACHEABLE
+    assert sem.storability("GET", 302, [], headers, 10, 100, ()) is None
+
+
+# --------------------------------------------------------------------------- which stored response a 304 updates (§4.3.4)
+
+
+@pytest.mark.parametrize(
+    "stored, not_modified, expected",
+    [
+        pytest.param([("ETag", 'W/"abc"')], [("ETag", '"abc"')], False, id="strong 304 ETag never selects a weak stored one §4.3.4"),
+        pytest.param([("ETag", '"abc"')], [("ETag", '"abc"')], True, id="strong ETags equal §4.3.4"),
+        pytest.param([("ETag", 'W/"abc"')], [("ETag", 'W/"abc"')], True, id="weak ETags equal §4.3.4"),
+        pytest.param([("ETag", '"abc"')], [("ETag", 'W/"abc"')], True, id="weak 304 ETag selects by weak comparison §4.3.4"),
+        pytest.param([("ETag", '"abc"')], [("ETag", 'W/"xyz"')], False, id="weak 304 ETag of another representation §4.3.4"),
+        pytest.param([("ETag", 'W/"abc"')], [("ETag", '"xyz"')], False, id="strong 304 ETag of another representation §4.3.4"),
+        pytest.param([], [("ETag", '"abc"')], False, id="stored response without ETag is not selected by one §4.3.4"),
+        pytest.param([("ETag", '"abc"'), ("Last-Modified", date(-100))], [("Last-Modified", date(-100))], True, id="304 with Last-Modified only, equal §4.3.4"),
+        pytest.param([("ETag", '"abc"'), ("Last-Modified", date(-100))], [("Last-Modified", date(-50))], False, id="304 with Last-Modified only, different §4.3.4"),
+        pytest.param([("Last-Modified", date(-100))], [("Last-Modified", date(-100))], True, id="Last-Modified only on both, equal §4.3.4"),
+        pytest.param([], [], True, id="no validator on either side: the one stored response §4.3.4"),
+        pytest.param(
+            [("ETag", '"abc"')], [("Last-Modified", date(-100))], False,
+            id="304 Last-Modified does not correspond to a stored response without one §4.3.4",
+        ),
+    ],
+)
+def test_304_selects_stored_response_by_validator_4_3_4(
+    stored: list[tuple[str, str]], not_modified: list[tuple[str, str]], expected: bool
+) -> None:
+    assert sem.validator_304_matches(entry(stored + [("Cache-Control", "max-age=1")]), not_modified) is expected
+
+
+# --------------------------------------------------------------------------- updating a stored entry (§3.2, §4.3.4, §4.3.5)
+
+
+def stale_entry() -> sem.StoredResponse:
+    return entry([("Cache-Control", "max-age=1"), ("ETag", '"a"')], body=b"body", request_time=NOW - 100, response_time=NOW - 100)
+
+
+def via_304(e: sem.StoredResponse, headers: list[tuple[str, str]], targets: tuple[str, ...] = ()) -> sem.StoredResponse:
+    return sem.merge_304(e, headers, NOW, NOW, targets=targets)
+
+
+def via_head(e: sem.StoredResponse, headers: list[tuple[str, str]], targets: tuple[str, ...] = ()) -> sem.StoredResponse:
+    # No ETag, Last-Modified or Content-Length in the HEAD response: it freshens like a 304.
+    return sem.freshen_with_head(e, headers, NOW, NOW, targets=targets)
+
+
+UPDATES = [pytest.param(via_304, id="304 §4.3.4"), pytest.param(via_head, id="HEAD §4.3.5")]
+
+
+@pytest.mark.parametrize("update", UPDATES)
+@pytest.mark.parametrize(
+    "cookie",
+    [
+        pytest.param(("Set-Cookie", "session=secret-a"), id="Set-Cookie"),
+        pytest.param(("set-cookie", "session=secret-a"), id="set-cookie lower-case"),
+        pytest.param(("SET-COOKIE", "session=secret-a"), id="SET-COOKIE upper-case"),
+        pytest.param(("Set-Cookie2", "session=secret-a"), id="Set-Cookie2"),
+    ],
+)
+def test_update_never_stores_set_cookie_rfc_6265_8_2(update, cookie: tuple[str, str]) -> None:  # type: ignore[no-untyped-def]
+    merged = update(stale_entry(), [("Cache-Control", "max-age=60"), cookie, ("X-New", "1")])
+    names = {k.lower() for k, _ in merged.headers}
+    assert not names & {"set-cookie", "set-cookie2"}
+    assert not any("secret-a" in v for _, v in merged.headers)
+    assert "x-new" in names  # the other fields were merged
+    assert merged.is_fresh(NOW + 30)
+
+
+@pytest.mark.parametrize("update", UPDATES)
+@pytest.mark.parametrize(
+    "headers, targets, expected",
+    [
+        pytest.param([("Cache-Control", "max-age=60")], (), None, id="max-age: still storable"),
+        pytest.param([("Cache-Control", "private, max-age=60")], (), NotStorable.PRIVATE, id="adds private §5.2.2.7"),
+        pytest.param([("Cache-Control", "no-store")], (), NotStorable.NO_STORE, id="adds no-store §5.2.2.5"),
+        pytest.param([("Cache-Control", "max-age=60"), ("Vary", "*")], (), NotStorable.VARY_STAR, id="adds Vary: * RFC 9110 §12.5.5"),
+        pytest.param([CC_60, ("CDN-Cache-Control", "no-store")], TARGETS, NotStorable.NO_STORE, id="adds targeted no-store RFC 9213"),
+        pytest.param([CC_60, ("CDN-Cache-Control", "private")], TARGETS, NotStorable.PRIVATE, id="adds targeted private RFC 9213"),
+        pytest.param([CC_60, ("CDN-Cache-Control", "no-store")], (), None, id="untargeted CDN-Cache-Control ignored"),
+    ],
+)
+def test_merged_entry_is_rechecked_for_storability(  # type: ignore[no-untyped-def]
+    update, headers: list[tuple[str, str]], targets: tuple[str, ...], expected: NotStorable | None
+) -> None:
+    merged = update(stale_entry(), headers, targets)
+    assert sem.merged_storability(merged, targets) == expected
+
+
+# --------------------------------------------------------------------------- Date on stored responses (RFC 9110 §6.6.1)
+
+
+@pytest.mark.parametrize(
+    "headers, expected_dates",
+    [
+        pytest.param([("Cache-Control", "max-age=60")], [sem.format_http_date(NOW + 7)], id="Date added: time of receipt §6.6.1"),
+        pytest.param([("Date", date(-30))], [date(-30)], id="origin's Date kept §6.6.1"),
+        pytest.param([("date", date(-30))], [date(-30)], id="origin's lower-case date kept §6.6.1"),
+        pytest.param([("Date", "Sun, 06 Nov 1994 08:49:37 GMT")], ["Sun, 06 Nov 1994 08:49:37 GMT"], id="origin's old Date kept §6.6.1"),
+    ],
+)
+def test_stored_response_has_one_date_6_6_1(headers: list[tuple[str, str]], expected_dates: list[str]) -> None:
+    e = entry(headers, request_time=NOW + 7, response_time=NOW + 7)
+    assert sem.header_values(e.headers, "date") == expected_dates
+
+
+def test_added_date_is_an_imf_fixdate_of_the_response_time_6_6_1() -> None:
+    e = entry([("Cache-Control", "max-age=60")], request_time=NOW + 7, response_time=NOW + 7)
+    added = sem.header_get(e.headers, "date")
+    assert added is not None and sem._IMF_FIXDATE.fullmatch(added)
+    assert sem.parse_http_date(added) == NOW + 7
