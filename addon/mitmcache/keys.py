@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 from . import semantics as sem
 from .messages import Request
-from .policy import Policy
+from .policy import KEY_VALUES_MARK, Policy
 
 
 _PCT = re.compile(r"%([0-9A-Fa-f]{2})")
@@ -68,9 +68,9 @@ class KeyBuilder:
         scheme = scheme.lower()
         if not path.startswith("/") and path != "*":
             path = "/" + path
+        path = normalize_target(path)
         if policy is not None:
             path = policy.key_path(path)
-        path = normalize_target(path)
         target = sem.normalize_authority(scheme, host, port)
         key = f"{scheme}://{target}{path}"
         if host_header:
@@ -81,6 +81,12 @@ class KeyBuilder:
         if policy is not None and (policy.key_headers or policy.key_cookies):
             key += policy.key_suffix(request_headers)
         return key
+
+    @staticmethod
+    def base(key: str) -> str:
+        """The URL's key without request values (key_headers/key_cookies): what invalidation
+        and purge name; the store reaches the keys with values through its index."""
+        return key.split(KEY_VALUES_MARK, 1)[0]
 
     def for_request(self, req: Request) -> str:
         return self.build(req.scheme, req.host, req.port, req.path, req.host_header, req.policy, req.headers)

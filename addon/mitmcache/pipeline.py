@@ -449,7 +449,7 @@ class Pipeline:
             entry, resp.headers, resp.request_time, resp.response_time or now, settings.heuristic_cap, settings.targets
         )
         if ex.request.policy is not None:
-            updated = ex.request.policy.apply(updated)
+            updated = ex.request.policy.apply(updated, settings.targets)
         if await self.service.freshen(ex.key, updated, ex.resource, now) is not None:
             ex.outcome.status.detail.append("head-freshened" if updated.freshness else "head-marked-stale")
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import hashlib
 import json
 import re
 from collections.abc import Callable, Sequence
@@ -28,6 +29,9 @@ _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 OVERRIDABLE = frozenset({"no-store", "private", "no-cache", "must-revalidate", "set-cookie"})
 ERROR_STATUSES = frozenset({404, 410})  # and every 5xx: negative caching with error_ttl
 _FIELD_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+\-.^_`|~]+")
+KEY_VALUES_MARK = "\nk"  # starts the request values a rule joins to a key (never in a URL)
+# Filters that read the response: a rule is chosen before there is one, so they never match.
+_RESPONSE_FILTERS = {"FCode", "FResp", "FHeadResponse", "FContentTypeResponse", "FBodResponse", "FAsset"}
 
 
 class PolicyError(ValueError):
@@ -58,13 +62,13 @@ def _bool(text: str) -> bool:
     raise PolicyError(f"not a boolean: {text!r} (true or false)")
 
 
-def _names(text: str, what: str) -> tuple[str, ...]:
+def _names(text: str) -> tuple[str, ...]:
     names = tuple(n.strip() for n in text.split(",") if n.strip())
     if not names:
-        raise PolicyError(f"{what}: empty list")
+        raise PolicyError("empty list")
     for n in names:
         if not _FIELD_NAME.fullmatch(n):
-            raise PolicyError(f"{what}: not a name: {n!r}")
+            raise PolicyError(f"not a name: {n!r}")
     return names
 
 
@@ -120,16 +124,20 @@ class Policy:
         return f"{base}?{'&'.join(params)}" if params else base
 
     def key_suffix(self, request_headers: sem.HeaderList) -> str:
-        """The values of key_headers and key_cookies, each marked present or absent."""
+        """The values of key_headers and key_cookies, each marked present or absent. Values
+        are hashed (BLAKE2b, 128 bits): keys show up in logs, flow files and commands, and
+        may hold credentials (key_headers=Authorization)."""
         parts = []
         for name in self.key_headers:
             values = sem.header_values(request_headers, name)
-            parts.append(f"\nkh:{name}={json.dumps(values)}" if values else f"\nkh:{name}")
+            parts.append(f"{KEY_VALUES_MARK}h:{name}={_digest(values)}" if values else f"{KEY_VALUES_MARK}h:{name}")
         if self.key_cookies:
             jar = _cookies(request_headers)
             for name in self.key_cookies:
                 cookie_values = jar.get(name)
-                parts.append(f"\nkc:{name}={json.dumps(cookie_values)}" if cookie_values else f"\nkc:{name}")
+                parts.append(
+                    f"{KEY_VALUES_MARK}c:{name}={_digest(cookie_values)}" if cookie_values else f"{KEY_VALUES_MARK}c:{name}"
+                )
         return "".join(parts)
 
     # ------------------------------------------------------------------ storing
@@ -175,24 +183,34 @@ class Policy:
             return None  # force mode: no caching headers needed
         return spec_reason
 
-    def apply(self, entry: StoredResponse) -> StoredResponse:
+    def apply(self, entry: StoredResponse, targets: Sequence[str] = ()) -> StoredResponse:
         """The operator's freshness and stale windows on a stored response (its headers are
-        untouched). An upstream must-revalidate/proxy-revalidate/s-maxage still forbids serving
-        stale unless ``override=must-revalidate``."""
+        untouched). An upstream must-revalidate/proxy-revalidate/s-maxage (or no-cache) still
+        forbids serving stale unless ``override`` names it."""
         changes: dict[str, object] = {}
         forced = self.forced_lifetime(entry.status)
         if forced is not None:
             changes.update(freshness=forced, heuristic=False)
-        never_stale = entry.never_serve_stale and "must-revalidate" not in self.override
+        never_stale, no_cache = entry.never_serve_stale, entry.requires_revalidation
+        if self.override & {"must-revalidate", "no-cache"}:
+            seen = sem.ResponseDirectives.from_headers(self.view(entry.headers), targets)
+            # override=must-revalidate lifts must-revalidate, proxy-revalidate and s-maxage alike.
+            never_stale = seen.no_cache if "must-revalidate" in self.override else seen.never_serve_stale
+            no_cache = seen.no_cache
         if never_stale != entry.never_serve_stale:
             changes["never_serve_stale"] = never_stale
-        if "no-cache" in self.override and entry.requires_revalidation:
-            changes["requires_revalidation"] = False
+        if no_cache != entry.requires_revalidation:
+            changes["requires_revalidation"] = no_cache
         if self.swr is not None and not never_stale:
             changes["stale_while_revalidate"] = self.swr
         if self.sie is not None and not never_stale:
             changes["stale_if_error"] = self.sie
         return dataclasses.replace(entry, **changes) if changes else entry  # type: ignore[arg-type]
+
+
+def _digest(values: list[str]) -> str:
+    data = json.dumps(values).encode("utf-8", "surrogateescape")
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 def _cookies(request_headers: sem.HeaderList) -> dict[str, list[str]]:
@@ -221,9 +239,13 @@ def parse_rule(spec: str, index: int, parse_filter: Callable[[str], Any]) -> Pol
         matches = parse_filter(expr)
     except ValueError as e:
         raise PolicyError(f"filter {expr!r}: {e}") from None
+    if _reads_response(matches):
+        raise PolicyError(f"filter {expr!r} reads the response, but a rule is chosen before there is one")
     values: dict[str, object] = {}
     for item in settings.split():
         name, _, raw = item.partition("=")
+        if not name:
+            raise PolicyError(f"a setting without a name: {item!r}")
         if name in values:
             raise PolicyError(f"{name}: given twice")
         try:
@@ -247,9 +269,9 @@ def _setting(name: str, raw: str) -> object:
             raise PolicyError(f"unknown {', '.join(sorted(unknown)) or 'empty'} (one of {', '.join(sorted(OVERRIDABLE))})")
         return items
     if name == "key_headers":
-        return tuple(n.lower() for n in _names(raw, "list"))
+        return tuple(n.lower() for n in _names(raw))
     if name == "key_cookies":
-        return _names(raw, "list")
+        return _names(raw)
     if name in ("ignore_params", "keep_params"):
         globs = tuple(g for g in raw.split(",") if g)
         if not globs:
@@ -268,6 +290,15 @@ def _setting(name: str, raw: str) -> object:
 
 
 _URL_ONLY = {"FDomain", "FUrl", "FMethod", "FHTTP", "FReq", "FAll"}
+
+
+def _reads_response(flt: Any) -> bool:
+    kind = type(flt).__name__
+    if kind in ("FAnd", "FOr"):
+        return any(_reads_response(x) for x in flt.lst)
+    if kind == "FNot":
+        return _reads_response(flt.itm)
+    return kind in _RESPONSE_FILTERS
 
 
 def _url_only(flt: Any) -> bool:

@@ -62,6 +62,7 @@ DEFAULT_HEURISTIC_CAP = 86400.0
 CASE_INSENSITIVE_VARY = frozenset({"accept", "accept-charset", "accept-encoding", "accept-language"})
 
 _WS = re.compile(r"[ \t]+")
+_SF_TOKEN = re.compile(r"[A-Za-z*][A-Za-z0-9!#$%&'*+\-.^_`|~:/]*")
 
 
 # --------------------------------------------------------------------------- header helpers
@@ -1012,8 +1013,10 @@ class CacheStatus:
         if self.ttl is not None:
             parts.append(f"ttl={self.ttl}")
         if self.detail:
-            # detail is one sf-token; several facts are joined with "+" (a tchar).
-            parts.append("detail=" + "+".join(self.detail))
+            # detail is one sf-token; several facts are joined with "+" (a tchar). A fact with
+            # a character a token cannot hold (policy=NAME) makes it an sf-string (RFC 8941 §3.3.3).
+            detail = "+".join(self.detail)
+            parts.append(f"detail={detail}" if _SF_TOKEN.fullmatch(detail) else f'detail="{detail}"')
         return "; ".join(parts)
 
 

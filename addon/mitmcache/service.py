@@ -121,16 +121,22 @@ class CacheService:
             if reason is not None:
                 return Admission(None, None, reason.value)
             assert body is not None
-            stored = viewed if policy is not None and "set-cookie" in policy.override else response.headers
+            stored = response.headers
+            if policy is not None and "set-cookie" in policy.override:
+                stored = tuple((k, v) for k, v in stored if k.lower() not in sem.NOT_SHARED)
             entry = sem.make_stored_response(
                 response.status, response.reason, request_headers, stored, body,
                 response.request_time, response.response_time, settings.heuristic_cap, settings.targets,
             )
         if policy is not None:
-            entry = policy.apply(entry)
+            entry = policy.apply(entry, settings.targets)
         if entry.retain_until() <= now:
             return Admission(None, None, sem.NotStorable.NOT_CACHEABLE.value)
-        resource = await self.store.put(key, entry, now, base=base, l1_ttl=policy.l1_ttl if policy else None)
+        url_key = self.keys.base(key)
+        resource = await self.store.put(
+            key, entry, now, base=base, l1_ttl=policy.l1_ttl if policy else None,
+            index=url_key if url_key != key else None,
+        )
         if resource is None:
             return Admission(entry, None, "too-large-for-l1")
         return Admission(entry, resource)
@@ -144,7 +150,9 @@ class CacheService:
         return await self.store.put(key, entry, now, base=base)
 
     async def invalidate(self, keys: list[str]) -> int:
-        """Drop every variant of ``keys`` from L1 and L2 (§4.4, purge); returns L1's count."""
+        """Drop every variant of ``keys`` from L1 and L2 (§4.4, purge), and every key that
+        holds request values under them (key_headers); returns L1's count."""
+        keys = list(dict.fromkeys(self.keys.base(k) for k in keys))
         removed = await self.store.delete(keys)
         self.metrics.invalidations.inc(len(keys))
         return removed

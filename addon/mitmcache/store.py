@@ -36,6 +36,8 @@ log = logging.getLogger("mitmcache")
 
 # Keep at most this many variants per URL (most recent win): bounds Vary fragmentation.
 MAX_VARIANTS = 16
+# Keys remembered in L1 per URL for invalidation (L2's index is the complete one).
+MAX_INDEXED = 10000
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +88,10 @@ class SharedTier(Protocol):
 
     async def delete(self, cache_keys: list[str]) -> None: ...
 
+    async def index_add(self, base: str, cache_key: str, ttl_ms: int) -> None: ...
+
+    async def index_pop(self, base: str) -> list[str]: ...
+
     async def acquire_lease(self, cache_key: str, token: str, ttl_ms: int) -> bool: ...
 
     async def release_lease(self, cache_key: str, token: str) -> None: ...
@@ -107,6 +113,8 @@ class TieredStore:
         self.metrics = metrics
         self.l1_ttl = l1_ttl
         self._l2: ValkeyTier | None = None
+        # URL key → keys that also hold request values (key_headers): what invalidation reaches.
+        self._indexes: dict[str, set[str]] = {}
         self._l1: ByteLRU[Resource] = ByteLRU(
             l1_max_bytes,
             on_evict=lambda n: metrics.lru_evictions.inc(n),
@@ -179,16 +187,26 @@ class TieredStore:
     # ------------------------------------------------------------------ write
 
     async def put(
-        self, key: str, entry: StoredResponse, now: float, base: Resource | None = None, l1_ttl: float | None = None
+        self,
+        key: str,
+        entry: StoredResponse,
+        now: float,
+        base: Resource | None = None,
+        l1_ttl: float | None = None,
+        index: str | None = None,
     ) -> Resource | None:
         """Store one variant next to the URL's other variants (``base``: what the request saw).
 
         ``l1_ttl``: this entry's near-cache bound in seconds (an operator rule), else the
-        store's. Returns the stored resource, or None if no tier kept it.
+        store's. ``index``: the URL's key when ``key`` also holds request values (an operator
+        rule's key_headers), so that invalidating the URL reaches it. Returns the stored
+        resource, or None if no tier kept it.
         """
         current = base or self._l1.peek(key, now)
         resource = current.with_variant(entry) if current else Resource((entry,))
         retain = resource.retain_until()
+        if index is not None:
+            await self._index(index, key, retain, now)
         if self._l2 is not None:
             try:
                 await self._l2.set(key, codec.encode(resource.variants), math.ceil((retain - now) * 1000))
@@ -277,10 +295,45 @@ class TieredStore:
                 return None, "timeout"
             await asyncio.sleep(FILL_POLL_INTERVAL * (0.5 + random.random()))
 
+    async def _index(self, index: str, key: str, retain: float, now: float) -> None:
+        members = self._indexes.setdefault(index, set())
+        if len(members) < MAX_INDEXED:
+            members.add(key)
+        if self._l2 is not None:
+            try:
+                await self._l2.index_add(index, key, math.ceil((retain - now) * 1000))
+            except L2Error as e:
+                log.debug(f"mitmcache: L2 index add failed: {e}")
+
+    def expand_l1(self, keys: list[str]) -> list[str]:
+        """``keys`` plus the keys L1's index records under them (nothing dropped)."""
+        out = list(keys)
+        for key in keys:
+            out += [m for m in self._indexes.get(key, ()) if m not in out]
+        return out
+
+    async def expand(self, keys: list[str]) -> list[str]:
+        """``keys`` plus every key recorded under them (``put(index=…)``), indexes dropped."""
+        out = list(keys)
+        for key in keys:
+            for member in self._indexes.pop(key, ()):
+                if member not in out:
+                    out.append(member)
+            if self._l2 is not None:
+                try:
+                    members = await self._l2.index_pop(key)
+                except L2Error as e:
+                    log.warning(f"mitmcache: L2 index read failed; entries keyed by request values may linger: {e}")
+                    continue
+                out += [m for m in members if m not in out]
+        return out
+
     # ------------------------------------------------------------------ invalidate
 
     async def delete(self, keys: list[str]) -> int:
-        """Invalidate in both tiers; returns how many keys L1 held."""
+        """Invalidate in both tiers, with every key recorded under them; returns how many keys
+        L1 held."""
+        keys = await self.expand(keys)
         removed = self.delete_l1(keys)
         await self.delete_l2(keys)
         return removed
@@ -321,6 +374,7 @@ class TieredStore:
             await old.close()
 
     def clear_l1(self) -> int:
+        self._indexes.clear()
         n = self._l1.clear()
         self._update_gauges()
         return n

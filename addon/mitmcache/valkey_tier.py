@@ -123,6 +123,39 @@ class ValkeyTier:
         timeout = self.timeout + len(value) / 20e6
         await self._run(node, "set", lambda: node.client.set(key, value, px=ttl_ms), timeout)
 
+    def _index_key(self, base: str) -> tuple[Node, str]:
+        digest = xxhash.xxh3_128_hexdigest(base.encode("utf-8", "surrogateescape"))
+        value_key = f"{self.prefix}:r1:{digest}"
+        return self.nodes[self.ring.owner(value_key.encode())], f"{self.prefix}:idx:{digest}"
+
+    async def index_add(self, base: str, cache_key: str, ttl_ms: int) -> None:
+        """Remember that ``cache_key`` (a URL keyed with request values: key_headers) belongs
+        to ``base`` (the URL), in a set on the base's node that lives as long as its longest member."""
+        node, index = self._index_key(base)
+
+        async def add() -> None:
+            async with node.client.pipeline(transaction=False) as pipe:
+                pipe.sadd(index, cache_key.encode("utf-8", "surrogateescape"))
+                pipe.pexpire(index, max(1, ttl_ms), gt=True)
+                pipe.pexpire(index, max(1, ttl_ms), nx=True)
+                await pipe.execute()
+
+        await self._run(node, "index", add)
+
+    async def index_pop(self, base: str) -> list[str]:
+        """The keys recorded under ``base``, and the index dropped (invalidation, purge)."""
+        node, index = self._index_key(base)
+
+        async def pop() -> list[bytes]:
+            async with node.client.pipeline(transaction=True) as pipe:
+                pipe.smembers(index)
+                pipe.delete(index)
+                members, _ = await pipe.execute()
+            return list(members)
+
+        members = await self._run(node, "index", pop)
+        return [m.decode("utf-8", "surrogateescape") for m in members]
+
     async def delete(self, cache_keys: list[str]) -> None:
         """Delete on each owner; for a down owner, remember the key and delete it on return."""
         by_node: dict[str, list[str]] = {}

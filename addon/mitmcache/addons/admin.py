@@ -150,12 +150,12 @@ class Admin:
     def purge(self, url: str) -> int:
         """Drop every variant cached for an absolute URL — the origin's, or in reverse mode the
         one the client used; returns how many keys this proxy's L1 held."""
-        keys = self._keys(url)
-        store = self.service.store
-        removed = store.delete_l1(keys)  # now, so this proxy's next request misses
-        if store.has_l2:
-            spawn(store.delete_l2(keys), "purge in Valkey")
-        self.service.metrics.invalidations.inc(len(keys))
+        service = self.service
+        keys = list(dict.fromkeys(service.keys.base(k) for k in self._keys(url)))
+        store = service.store
+        removed = store.delete_l1(store.expand_l1(keys))  # now, so this proxy's next request misses
+        spawn(store.delete(keys), "purge")  # L2 too, with the keys its index records (key_headers)
+        service.metrics.invalidations.inc(len(keys))
         return removed
 
     @command.command("cache.explain")
