@@ -72,6 +72,10 @@ def main() -> None:
     parser.add_argument("--conns", type=int, default=8)
     parser.add_argument("--size", type=int, default=1024, help="response body bytes")
     parser.add_argument("--before", type=Path, help="a checkout whose addon runs as 'l1-before' (L1 only)")
+    parser.add_argument(
+        "--rules", type=int, default=0,
+        help="also run 'l1-rules': the L1 proxy with this many cache_policy rules (the last one matches)",
+    )
     args = parser.parse_args()
     if args.before is not None and not (args.before / "addon" / "mitmcache_addon.py").is_file():
         parser.error(f"--before: no addon/mitmcache_addon.py in {args.before}")
@@ -86,6 +90,10 @@ def main() -> None:
         "l1": start_proxy(tmp / "l1", f"reverse:{origin.url}"),
         "l2": start_proxy(tmp / "l2", f"reverse:{origin.url}", f"cache_valkey_urls={urls}", "cache_l1_ttl=0"),
     }
+    if args.rules:
+        rules = [f"cache_policy=|~d host{i}.example & ~u /api/v{i}/|ttl=5m swr=30s" for i in range(args.rules - 1)]
+        rules.append("cache_policy=|~u /bench|ttl=1h name=bench")
+        proxies["l1-rules"] = start_proxy(tmp / "rules", f"reverse:{origin.url}", *rules)
     if args.before is not None:
         proxies["l1-before"] = start_proxy(
             tmp / "before", f"reverse:{origin.url}", script=args.before / "addon" / "mitmcache_addon.py"
@@ -117,6 +125,12 @@ def main() -> None:
     print(f"ratio l1/base throughput: {med['l1'] / med['base']:.3f}  (what the cache's hit path costs)")
     print(f"ratio l2/l1 throughput:   {med['l2'] / med['l1']:.3f}")
     print(f"ratio l2/l1 p50 latency:  {p50['l2'] / p50['l1']:.3f}")
+    if "l1-rules" in results:
+        per_round = sorted(a[0] / b[0] for a, b in zip(results["l1-rules"], results["l1"]))
+        print(
+            f"ratio l1-rules/l1 throughput ({args.rules} rules): median {statistics.median(per_round):.3f} "
+            f"(rounds {per_round[0]:.3f}..{per_round[-1]:.3f})"
+        )
     if "l1-before" in results:
         per_round = sorted(a[0] / b[0] for a, b in zip(results["l1"], results["l1-before"]))
         print(

@@ -11,6 +11,14 @@ can tell exactly what reached the origin. Parameters:
   cloc=…       Content-Location header      size=N        body of N bytes
   delay=MS     wait before answering        no304=1       ignore conditionals
   hdr=N: v|…   raw extra header fields (replacing Date if one is given)
+  nodate=1     no Date field at all        wetag=…       weak ETag W/"…"
+  echo=N,…     append " N=<request field N>" for each named request field to the body
+  h304=N: v|…  fields of 304 answers (replacing ours of the same name)
+  hhead=N: v|… fields of HEAD answers (replacing ours of the same name)
+  then_status=N, then_cc=…   status / Cache-Control from the second request for the path+query on
+  xhdr=N: v|…  extra fields as raw bytes: percent-decoded as Latin-1, so each %XX is one byte
+               on the wire (non-UTF-8 and UTF-8 values alike)
+Every request's raw request line is kept too (``Seen.line``, bytes as received).
 The body is "<path> #<count> <vary values>" unless size= is given, so a fresh origin fetch is
 visible in the body.
 """
@@ -43,6 +51,7 @@ class Seen:
     method: str
     path: str
     headers: dict[str, str]
+    line: bytes = b""  # the request line exactly as received (no CRLF)
 
 
 @dataclass
@@ -106,17 +115,25 @@ class _Handler(BaseHTTPRequestHandler):
         with origin.lock:
             origin.counts[self.path] += 1
             n = origin.counts[self.path]
-            origin.seen.append(Seen(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}))
-        q = {k: v[-1] for k, v in parse_qs(urlsplit(self.path).query, keep_blank_values=True).items()}
+            origin.seen.append(
+                Seen(self.command, self.path, {k.lower(): v for k, v in self.headers.items()},
+                     self.raw_requestline.rstrip(b"\r\n"))
+            )
+        query = urlsplit(self.path).query
+        q = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
+        if n > 1 and "then_status" in q:
+            q["status"] = q["then_status"]
+        if n > 1 and "then_cc" in q:
+            q["cc"] = q["then_cc"]
         if "delay" in q:
             time.sleep(int(q["delay"]) / 1000)
         now = time.time()
         date = now - int(q.get("date", 0))
         status = origin.failing.get(urlsplit(self.path).path, int(q.get("status", 200)))
-        headers: list[tuple[str, str]] = [("Date", email.utils.formatdate(date, usegmt=True))]
+        headers: list[tuple[str, str]] = [] if "nodate" in q else [("Date", email.utils.formatdate(date, usegmt=True))]
         if "cc" in q:
             headers.append(("Cache-Control", q["cc"]))
-        etag = f'"{q["etag"]}"' if "etag" in q else None
+        etag = f'"{q["etag"]}"' if "etag" in q else f'W/"{q["wetag"]}"' if "wetag" in q else None
         if etag:
             headers.append(("ETag", etag))
         lm = email.utils.formatdate(now - int(q["lm"]), usegmt=True) if "lm" in q else None
@@ -137,6 +154,11 @@ class _Handler(BaseHTTPRequestHandler):
         if "hdr" in q:  # raw extra fields: "Name: value|Name: value"
             headers = [h for h in headers if h[0] != "Date"] if "Date:" in q["hdr"] else headers
             headers += [tuple(x.strip() for x in f.split(":", 1)) for f in q["hdr"].split("|")]  # type: ignore[misc]
+        if "xhdr" in q:  # Latin-1 str: send_header encodes it back to exactly these bytes
+            raw = parse_qs(query, keep_blank_values=True, encoding="latin-1")["xhdr"][-1]
+            headers += [tuple(x.strip() for x in f.split(":", 1)) for f in raw.split("|")]  # type: ignore[misc]
+        if self.command == "HEAD" and "hhead" in q:
+            headers = _replace_fields(headers, q["hhead"])
 
         for name, value in origin.extra.get(urlsplit(self.path).path, []):
             headers = [h for h in headers if h[0].lower() != name.lower()] + [(name, value)]
@@ -150,6 +172,8 @@ class _Handler(BaseHTTPRequestHandler):
             elif ims is not None and lm is not None:
                 not_modified = ims == lm
         if not_modified:
+            if "h304" in q:
+                headers = _replace_fields(headers, q["h304"])
             self.send_response(304)
             for k, v in headers:
                 self.send_header(k, v)
@@ -164,7 +188,12 @@ class _Handler(BaseHTTPRequestHandler):
                 vary_vals = " " + ",".join(
                     f"{name.strip()}={self.headers.get(name.strip(), '')}" for name in q["vary"].split(",")
                 )
-            body = f"{urlsplit(self.path).path} #{n}{vary_vals}".encode()
+            echo_vals = ""
+            if "echo" in q:
+                echo_vals = "".join(
+                    f" {name.strip()}={self.headers.get(name.strip(), '')}" for name in q["echo"].split(",")
+                )
+            body = f"{urlsplit(self.path).path} #{n}{vary_vals}{echo_vals}".encode()
         self.send_response(status)
         for k, v in headers:
             self.send_header(k, v)
@@ -175,6 +204,13 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _handle
+
+
+def _replace_fields(headers: list[tuple[str, str]], spec: str) -> list[tuple[str, str]]:
+    """``Name: v|Name: v`` replaces our fields of those names (several of one name allowed)."""
+    new = [tuple(x.strip() for x in f.split(":", 1)) for f in spec.split("|")]
+    names = {n.lower() for n, _ in new}
+    return [h for h in headers if h[0].lower() not in names] + new  # type: ignore[misc]
 
 
 def _self_signed_context(directory: Path) -> tuple[ssl.SSLContext, Path]:

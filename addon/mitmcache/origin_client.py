@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ssl
 import time
+from urllib.parse import urlsplit
 import certifi
 import httpx
 
@@ -57,6 +58,11 @@ class OriginClient:
         # change the representation that gets stored under the client's Vary values.
         # mitmproxy decodes header bytes as UTF-8 with surrogateescape: encode them back.
         fields = [(_wire(k), _wire(v)) for k, v in headers if k.lower() not in _DROP]
+        if target:
+            # Only scheme and authority come from the URL: the target may hold bytes httpx
+            # would re-encode or refuse (a raw 0xE9), and is sent as it came.
+            parts = urlsplit(url)
+            url = f"{parts.scheme}://{parts.netloc}/"
         try:
             request = httpx.Request(method, url, headers=fields, extensions={"target": target} if target else None)
         except (httpx.InvalidURL, ValueError) as e:

@@ -302,14 +302,19 @@ class Pipeline:
         if result.fetched is not None:
             outcome.status.fwd_status = result.fetched.status
         if result.entry is not None:
-            resource = (ex.resource or Resource(())).with_variant(result.entry)
-            outcome.status.stored = True
             if result.outcome == "304":
                 self._serve(ex, result.entry, now, HIT, "revalidated", hit=False)
                 _add_cookies(ex, result.fetched)
             else:
                 self._serve(ex, result.entry, now, MISS, "miss", hit=False)
-            await self._finish(ex, FlightResult.STORED, resource)
+            if result.stored:
+                outcome.status.stored = True
+                await self._finish(ex, FlightResult.STORED, (ex.resource or Resource(())).with_variant(result.entry))
+            else:  # e.g. the 304 made it private: this client's answer alone
+                if result.error:
+                    outcome.status.detail.append(result.error)
+                    outcome.not_stored = result.error
+                await self._finish(ex, FlightResult.NOT_SHAREABLE)
             return
         if result.outcome == "error" and sem.may_serve_stale_if_error(stale, ex.directives, now):
             outcome.status.detail.append("stale-if-error")

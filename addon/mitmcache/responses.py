@@ -58,6 +58,8 @@ def from_origin(fetched: Response | None, error: str | None) -> Response:
         return Response(502, "Bad Gateway", (("Content-Type", "text/plain"), ("content-length", str(len(body)))), body, now, now)
     fields = [(k, v) for k, v in fetched.headers if k.lower() not in sem.HOP_BY_HOP and k.lower() != "content-length"]
     fields.append(("content-length", str(len(fetched.body))))
+    if sem.header_get(fields, "date") is None:  # RFC 9110 §6.6.1: the time of receipt
+        fields.append(("Date", sem.format_http_date(fetched.response_time)))
     return Response(fetched.status, fetched.reason, tuple(fields), fetched.body, fetched.request_time, fetched.response_time)
 
 

@@ -56,6 +56,7 @@ class Result:
     entry: StoredResponse | None  # the entry to use now (renewed/replaced), None if unchanged
     fetched: Response | None = None
     error: str | None = None
+    stored: bool = False  # ``entry`` went into the store (shareable with waiters)
 
 
 class Revalidator:
@@ -155,21 +156,23 @@ class Revalidator:
         # The client's own conditionals are answered by us; the origin gets the entry's.
         headers = [(k, v) for k, v in job.request_headers if k.lower() not in _CONDITIONAL]
         headers += sem.validators_for(job.entry)
-        start = time.perf_counter()
         limit = max_body if max_body is not None else service.settings.max_object_bytes
         try:
-            fetched = await self.client.fetch("GET", job.url, headers, limit, job.target)
+            fetched = await self._fetch(job, headers, limit)
+            if fetched.status == 304 and not sem.validator_304_matches(job.entry, fetched.headers):
+                # §4.3.4: this 304 selects no stored response: ask again, unconditionally.
+                metrics.revalidations.labels("304").inc()
+                service.bad_input("304-mismatch", f"304 for {job.key!r} names other validators")
+                headers = [(k, v) for k, v in headers if k.lower() not in _CONDITIONAL]
+                fetched = await self._fetch(job, headers, limit)
+                if fetched.status == 304:  # still not a full response: nothing to use
+                    return Result("error", None, fetched, "304 to an unconditional request")
         except OriginError as e:
             metrics.revalidations.labels("error").inc()
             log.info(f"mitmcache: revalidation of {job.key} failed: {e}")
             return Result("error", None, error=str(e))
-        finally:
-            metrics.reval_seconds.observe(time.perf_counter() - start)
         if fetched.status == 304:
             metrics.revalidations.labels("304").inc()
-            if not sem.validator_304_matches(job.entry, fetched.headers):
-                service.bad_input("304-mismatch", f"304 for {job.key!r} names other validators")
-                return Result("error", None, fetched, "304 does not match the stored validators")
         elif fetched.status >= 500:
             # §4.3.3 lets the cache act as if the origin had not answered: the stored response
             # stays (W7). A 4xx is a full response like any other: stored if storable (a 404).
@@ -184,4 +187,16 @@ class Revalidator:
         )
         if admission.resource is None and fetched.status != 304:
             return Result("kept", None, fetched, admission.reason)
-        return Result("304" if fetched.status == 304 else "200", admission.entry, fetched)
+        return Result(
+            "304" if fetched.status == 304 else "200", admission.entry, fetched, admission.reason,
+            stored=admission.resource is not None,
+        )
+
+    async def _fetch(self, job: Job, headers: list[tuple[str, str]], limit: int) -> Response:
+        """One request for ``job``'s target; raises OriginError."""
+        assert self.client is not None
+        start = time.perf_counter()
+        try:
+            return await self.client.fetch("GET", job.url, headers, limit, job.target)
+        finally:
+            self.service.metrics.reval_seconds.observe(time.perf_counter() - start)

@@ -196,7 +196,7 @@ def test_explain_tells_miss_hit_not_stored_and_post(web: Web, origin: Origin) ->
 
     # A POST is not looked up.
     assert post_row["x-cache-status"] is None
-    assert post_row["why"] == "not handled by the cache (only GET and HEAD are looked up)"
+    assert post_row["why"] == "not looked up or stored: only GET and HEAD are; a 2xx/3xx answer to an unsafe method invalidates the URL and its same-origin Location/Content-Location (RFC 9111 §4.4)"
     assert "key" not in post_row
 
     # Other flow specs: a filter for one URL, and one flow by id.
@@ -252,15 +252,14 @@ def test_inspect_shows_stored_variants_by_origin_and_client_url(web: Web, origin
     by_client = web.command_json("cache.inspect", client_url)
     assert by_client["url"] == client_url
     keys = {k["key"]: k["l1"] for k in by_client["keys"]}
-    assert list(keys) == [origin_key, client_url]  # the origin's key, where the entry is, comes first
-    assert keys[client_url] is None  # nothing is stored under the proxy's own URL
+    assert list(keys) == [origin_key]  # a reverse listener's URL names the origin's key only
     same = ("variant", "status", "etag", "stored_at", "body_bytes", "headers")
     assert [{n: v[n] for n in same} for v in keys[origin_key]] == [{n: v[n] for n in same} for v in variants]
 
     # Never fetched: no L1 entry under any key.
     never = web.command_json("cache.inspect", web.proxy_url + "/inspect-never")
-    assert [k["l1"] for k in never["keys"]] == [None, None]
-    assert [k["key"] for k in never["keys"]] == [origin.url + "/inspect-never", web.proxy_url + "/inspect-never"]
+    assert [k["l1"] for k in never["keys"]] == [None]
+    assert [k["key"] for k in never["keys"]] == [origin.url + "/inspect-never"]
     assert web.call("cache.inspect", "not a url") == {"error": "not an absolute http(s) URL: 'not a url'"}
 
 
