@@ -67,8 +67,7 @@ class Driver:
         authority = f"127.0.0.1:{self.origin.port}"
         fields = (("Host", authority), *(headers or []))
         return Request(
-            method, "http", "127.0.0.1", self.origin.port, path, f"http://{authority}{path}",
-            tuple(fields), authority, time.time(),
+            method, "http", "127.0.0.1", self.origin.port, path, tuple(fields), authority, time.time(),
         )
 
     async def send(

@@ -32,11 +32,18 @@ class Request:
     host: str
     port: int
     path: str  # path and query, as in the request target
-    url: str
     headers: Headers
     host_header: str | None = None
     timestamp: float = 0.0
     policy: Policy | None = None  # the operator rule that matched (cache_policy), if any
+
+    @property
+    def url(self) -> str:
+        """``scheme://host[:port]path`` (default port left out, IPv6 in brackets), as mitmproxy
+        spells a request's URL; built when needed, not on the hit path."""
+        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
+        default = 443 if self.scheme == "https" else 80
+        return f"{self.scheme}://{host if self.port == default else f'{host}:{self.port}'}{self.path}"
 
     @property
     def wants_range(self) -> bool:

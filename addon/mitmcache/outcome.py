@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .metrics import Metrics
+from .metrics import REQUEST_RESULTS, Metrics
 from .semantics import CacheStatus, StoredResponse
 
 # X-Cache-Status labels and the requests_total result each one counts as.
@@ -65,7 +65,6 @@ class Outcome:
 
     key: str
     method: str
-    url: str
     started: float = field(default_factory=time.time)
     label: str | None = None  # HIT | MISS | STALE
     result: str | None = None  # requests_total{result}: hit, miss, stale, revalidated
@@ -89,20 +88,21 @@ class Outcome:
         """Seconds of freshness left of the served or stored entry at answer time."""
         return float(self.status.ttl) if self.status.ttl is not None else None
 
-    def comment(self) -> str:
-        """The one-line summary shown in mitmweb's flow list, e.g. ``cache HIT (l1, age=3s)``."""
+    def comment(self, rendered: str | None = None) -> str:
+        """The one-line summary shown in mitmweb's flow list, e.g. ``cache HIT (l1, age=3s)``
+        (``rendered``: the Cache-Status value, if already rendered)."""
         if self.result == "revalidated":
-            return f"cache {self.label} revalidated ({self.status.render()})"
+            return f"cache {self.label} revalidated ({rendered or self.status.render()})"
         if self.age is not None:
             not_modified = " 304" if self.not_modified else ""
             return f"cache {self.label}{not_modified} ({'/'.join(self.status.detail)}, age={int(self.age)}s)"
-        return f"cache {self.label} ({self.status.render()})"
+        return f"cache {self.label} ({rendered or self.status.render()})"
 
-    def summary(self) -> dict[str, object]:
+    def summary(self, rendered: str | None = None) -> dict[str, object]:
         """Plain values for ``flow.metadata`` (written to flow files) and ``cache.explain``."""
         out: dict[str, object] = {
             "x-cache-status": self.label,
-            "cache-status": self.status.render(),
+            "cache-status": rendered or self.status.render(),
             "key": self.key,
             "tier": self.tier,
         }
@@ -156,13 +156,14 @@ class MetricsObserver:
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
+        self._requests = {result: metrics.requests.labels(result) for result in REQUEST_RESULTS}
 
     def started(self, outcome: Outcome) -> None:
         pass
 
     def finished(self, outcome: Outcome) -> None:
         if outcome.result is not None:
-            self.metrics.requests.labels(outcome.result).inc()
+            self._requests[outcome.result].inc()
         if outcome.not_stored is not None and outcome.method == "GET":
             self.metrics.not_stored.labels(outcome.not_stored).inc()
         if outcome.stale_if_error:

@@ -86,7 +86,7 @@ class Pipeline:
         """Look the request up and decide. ``reply`` set: answer with it; else forward the
         request with ``validators`` in place of the client's If-None-Match/If-Modified-Since."""
         key = self.service.keys.for_request(req)
-        ex = Exchange(req, key, Outcome(key, req.method, req.url), sem.RequestDirectives.from_headers(req.headers))
+        ex = Exchange(req, key, Outcome(key, req.method), sem.RequestDirectives.from_headers(req.headers))
         self.service.started(ex.outcome)
         if req.method not in ("GET", "HEAD"):
             return ex  # Bypass: the response may invalidate (§4.4)

@@ -834,18 +834,28 @@ def select_range(request_headers: HeaderList, entry: StoredResponse) -> tuple[in
     first, dash, last = parts[0].partition("-")
     first, last = first.strip(), last.strip()
     length = len(entry.body)
-    if not dash or not (first.isdigit() or (first == "" and last.isdigit())) or (last and not last.isdigit()):
-        return None
+    if not dash or not (_is_digits(first) or (first == "" and _is_digits(last))) or (last and not _is_digits(last)):
+        return None  # RFC 9110 §14.1.1: ASCII digits only; anything else is not a valid range
     if first == "":  # suffix: the last N bytes
-        suffix = int(last)
+        suffix = _bounded_int(last)
         return (max(0, length - suffix), length - 1) if suffix and length else UNSATISFIABLE
-    start = int(first)
-    end = int(last) if last else length - 1
+    start = _bounded_int(first)
+    end = _bounded_int(last) if last else length - 1
     if last and end < start:
         return None  # invalid: ignore the Range
     if start >= length:
         return UNSATISFIABLE
     return start, min(end, length - 1)
+
+
+def _is_digits(text: str) -> bool:
+    return text.isascii() and text.isdigit()
+
+
+def _bounded_int(digits: str) -> int:
+    """ASCII digits as an int, any length (no int() of 4,300+ digits: ValueError)."""
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) <= 30 else 10**30
 
 
 def validators_for(entry: StoredResponse) -> list[tuple[str, str]]:

@@ -166,8 +166,7 @@ class Admin:
         for f in flows:
             if not isinstance(f, http.HTTPFlow):
                 continue
-            outcome = self.http_cache.outcomes.get(f)
-            summary = outcome.summary() if outcome is not None else f.metadata.get(METADATA_KEY)
+            summary = f.metadata.get(METADATA_KEY)  # the request's Outcome, as rendered onto the flow
             view: dict[str, object] = {"url": f.request.url, "method": f.request.method}
             if summary is None:
                 view["x-cache-status"] = None

@@ -31,7 +31,7 @@ MARKERS = {HIT: ":green_circle:", STALE: ":orange_circle:"}
 def request_from_flow(flow: http.HTTPFlow, policies: PolicySet) -> Request:
     r = flow.request
     return Request(
-        r.method, r.scheme, r.host, r.port, r.path, r.url,
+        r.method, r.scheme, r.host, r.port, r.path,
         tuple(r.headers.items(multi=True)), r.host_header, r.timestamp_start or time.time(),
         match_flow(policies, flow) if policies else None,
     )
@@ -70,7 +70,6 @@ class HttpCache:
         self.mark_flows = True
         # Live per-flow state beside the flow, not in flow.metadata (which flow files keep).
         self._exchanges: weakref.WeakKeyDictionary[http.HTTPFlow, Exchange] = weakref.WeakKeyDictionary()
-        self.outcomes: weakref.WeakKeyDictionary[http.HTTPFlow, Outcome] = weakref.WeakKeyDictionary()
 
     def load(self, loader) -> None:  # type: ignore[no-untyped-def]
         loader.add_option(
@@ -127,10 +126,10 @@ class HttpCache:
     def _render(self, flow: http.HTTPFlow, outcome: Outcome) -> None:
         resp = flow.response
         assert resp is not None and outcome.label is not None
+        rendered = outcome.status.render()
         resp.headers["X-Cache-Status"] = outcome.label
-        resp.headers["Cache-Status"] = outcome.status.render()
-        flow.comment = outcome.comment()
-        flow.metadata[METADATA_KEY] = outcome.summary()
+        resp.headers["Cache-Status"] = rendered
+        flow.comment = outcome.comment(rendered)
+        flow.metadata[METADATA_KEY] = outcome.summary(rendered)
         if self.mark_flows and outcome.label in MARKERS:
             flow.marked = MARKERS[outcome.label]
-        self.outcomes[flow] = outcome
