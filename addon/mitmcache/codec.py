@@ -1,10 +1,15 @@
 """The Valkey value format: versioned, self-describing, raw bodies, nothing executable.
 
-    b"MCR" version:u8 count:u16 { meta_len:u32 meta:JSON body_len:u32 body:bytes }*count
+    b"MCR" version:u8=2 count:u16 key:16 bytes checksum:u64
+    { meta_len:u32 meta:JSON body_len:u32 body:bytes }*count
 
-JSON metadata is parsed with ``json.loads`` and every field is type-checked; bodies are raw
-bytes (no base64, reference W22). Nothing is unpickled or evaluated. Anything that does not
-match exactly raises DecodeError, which the store counts as a miss.
+``key`` is the xxh3-128 digest of the cache key the value was written for, and ``checksum`` the
+xxh3-64 of everything after the header: a value copied under another key, or bytes that changed
+and still decode, is refused. JSON metadata is parsed with ``json.loads`` and every field is
+type-checked; bodies are raw bytes (no base64, reference W22). Nothing is unpickled or
+evaluated. Anything that does not match exactly raises DecodeError, which the store counts as a
+miss. (The checksum finds accidents and copies, not forgery: whoever can write to Valkey can
+compute it; see README, Security model.)
 """
 
 from __future__ import annotations
@@ -14,11 +19,13 @@ import math
 import struct
 from typing import Any
 
+import xxhash
+
 from .semantics import StoredResponse
 
 MAGIC = b"MCR"
-VERSION = 1
-_HEAD = struct.Struct(">3sBH")
+VERSION = 2
+_HEAD = struct.Struct(">3sBH16sQ")
 _LEN = struct.Struct(">I")
 
 # field → accepted types (bool is checked before int, since bool is an int subclass)
@@ -50,12 +57,18 @@ def _meta(entry: StoredResponse) -> bytes:
     return json.dumps(meta, separators=(",", ":")).encode()
 
 
-def encode(variants: tuple[StoredResponse, ...]) -> bytes:
-    parts = [_HEAD.pack(MAGIC, VERSION, len(variants))]
+def key_digest(key: str) -> bytes:
+    return xxhash.xxh3_128_digest(key.encode("utf-8", "surrogateescape"))
+
+
+def encode(variants: tuple[StoredResponse, ...], key: str) -> bytes:
+    """The value of ``key`` holding ``variants``."""
+    parts: list[bytes] = []
     for entry in variants:
         meta = _meta(entry)
         parts += [_LEN.pack(len(meta)), meta, _LEN.pack(len(entry.body)), entry.body]
-    return b"".join(parts)
+    payload = b"".join(parts)
+    return _HEAD.pack(MAGIC, VERSION, len(variants), key_digest(key), xxhash.xxh3_64_intdigest(payload)) + payload
 
 
 def _pairs(value: Any, second_optional: bool) -> tuple[tuple[str, Any], ...]:
@@ -104,17 +117,24 @@ def _entry(meta_bytes: bytes, body: bytes) -> StoredResponse:
     return StoredResponse(body=body, **fields)
 
 
-def decode(data: bytes) -> tuple[StoredResponse, ...]:
+def decode(data: bytes, key: str) -> tuple[StoredResponse, ...]:
+    """The variants stored under ``key``. Raises DecodeError for anything else."""
     view = memoryview(data)
+    if len(view) < 4:
+        raise DecodeError("value too short")
+    if bytes(view[:3]) != MAGIC:
+        raise DecodeError("not a mitmcache value")
+    if view[3] != VERSION:
+        raise DecodeError(f"unsupported format version {view[3]}")
     if len(view) < _HEAD.size:
         raise DecodeError("value too short")
-    magic, version, count = _HEAD.unpack_from(view, 0)
-    if magic != MAGIC:
-        raise DecodeError("not a mitmcache value")
-    if version != VERSION:
-        raise DecodeError(f"unsupported format version {version}")
+    _, _, count, digest, checksum = _HEAD.unpack_from(view, 0)
     if count == 0:
         raise DecodeError("no variants")
+    if digest != key_digest(key):
+        raise DecodeError("value written for another key")
+    if xxhash.xxh3_64_intdigest(view[_HEAD.size :]) != checksum:
+        raise DecodeError("checksum mismatch")
     offset = _HEAD.size
     variants = []
 

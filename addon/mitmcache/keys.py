@@ -61,10 +61,13 @@ class KeyBuilder:
         host_header: str | None = None,
         policy: Policy | None = None,
         request_headers: sem.HeaderList = (),
+        authority: str = "",
     ) -> str:
-        """``scheme://authority/path?query``, plus ``\\nhost=NAME`` when the Host field names
-        another authority (a newline never occurs in a request target), plus the values of an
-        operator rule's key_headers/key_cookies; the rule's query normalisation applies first."""
+        """``scheme://authority/path?query``, plus ``\\nauthority=NAME`` / ``\\nhost=NAME`` when
+        the request target's authority or the Host field names another authority than the one
+        the request goes to (the origin may answer for that name; a newline never occurs in a
+        request target), plus the values of an operator rule's key_headers/key_cookies; the
+        rule's query normalisation applies first."""
         scheme = scheme.lower()
         if not path.startswith("/") and path != "*":
             path = "/" + path
@@ -73,11 +76,12 @@ class KeyBuilder:
             path = policy.key_path(path)
         target = sem.normalize_authority(scheme, host, port)
         key = f"{scheme}://{target}{path}"
-        if host_header:
-            h, p = split_host_port(host_header)
-            named = sem.normalize_authority(scheme, h, p if p is not None else sem.default_port(scheme))
-            if named != target:
-                key += f"\nhost={named}"
+        for label, value in (("authority", authority), ("host", host_header)):
+            if value:
+                h, p = split_host_port(value)
+                named = sem.normalize_authority(scheme, h, p if p is not None else sem.default_port(scheme))
+                if named != target:
+                    key += f"\n{label}={named}"
         if policy is not None and (policy.key_headers or policy.key_cookies):
             key += policy.key_suffix(request_headers)
         return key
@@ -89,7 +93,9 @@ class KeyBuilder:
         return key.split(KEY_VALUES_MARK, 1)[0]
 
     def for_request(self, req: Request) -> str:
-        return self.build(req.scheme, req.host, req.port, req.path, req.host_header, req.policy, req.headers)
+        return self.build(
+            req.scheme, req.host, req.port, req.path, req.host_header, req.policy, req.headers, req.authority
+        )
 
     def for_url(self, url: str, policy: Policy | None = None, request_headers: sem.HeaderList = ()) -> str | None:
         """Key of an absolute http(s) URL (invalidation targets, purge) under ``policy`` (its

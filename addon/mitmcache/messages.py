@@ -36,6 +36,9 @@ class Request:
     host_header: str | None = None
     timestamp: float = 0.0
     policy: Policy | None = None  # the operator rule that matched (cache_policy), if any
+    # The authority of an absolute-form (or HTTP/2) request target, as it goes upstream ("" for
+    # origin-form): the origin answers for it (RFC 9112 §3.2.2), so it is part of the key.
+    authority: str = ""
 
     @property
     def url(self) -> str:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, assert_never
 from . import responses
 from . import semantics as sem
 from .coalesce import Flight, FlightResult
+from .keys import split_host_port
 from .messages import Request, Response
 from .origin_client import OriginError
 from .outcome import HIT, MISS, STALE, WHY, Outcome, Revalidation
@@ -71,7 +72,9 @@ class Exchange:
     strip_conditionals: bool = False
     forwarded_at: float | None = None  # RFC 9111 §4.2.3 request_time
     bypass: bool = False  # an operator rule: neither looked up nor stored
-    flight: Flight | None = None  # set while this request leads the fetch of its key
+    flight: Flight | None = None  # set while this request leads the fetch of its key (variant)
+    flight_key: str = ""  # the coalescing key: the cache key plus the Vary'd request values
+    variant: str = ""  # the Vary'd request values when the URL's Vary names are known
     lease_token: str | None = None  # set while this request holds the key's fill lease
     completed: bool = False
 
@@ -169,7 +172,15 @@ class Pipeline:
     async def _go_upstream(self, ex: Exchange, stale: StoredResponse | None) -> None:
         """The origin is needed: wait for another request's fetch, lead one, or revalidate."""
         req = ex.request
-        if req.wants_range:
+        # RFC 5861 §4 needs an answer even when the origin is unreachable, which mitmproxy's
+        # forwarding cannot give (mitmproxy-notes §0.5): such entries are revalidated with the
+        # cache's own client — for GET, HEAD and Range requests alike (the full GET is fetched;
+        # HEAD and the range are then answered from it).
+        stale_if_error = (
+            stale is not None and stale.stale_if_error > 0 and not stale.never_serve_stale
+            and self.service.revalidator.client is not None
+        )
+        if req.wants_range and not stale_if_error:
             # Forwarded as it is: the origin answers the range; a 206 is never stored (§3.3),
             # a full 200 may be.
             ex.outcome.status.detail.append("range")
@@ -177,15 +188,13 @@ class Pipeline:
         if not (ex.directives.no_cache or ex.directives.no_store):
             if await self._coalesce(ex):
                 return
+        if stale is not None and stale_if_error:
+            return await self._refresh_in_foreground(ex, stale)
         if req.method != "GET":
             return
         ex.strip_conditionals = sem.has_client_conditionals(req.headers)
         if stale is None:
             return
-        if stale.stale_if_error > 0 and not stale.never_serve_stale and self.service.revalidator.client is not None:
-            # RFC 5861 §4 needs an answer even when the origin is unreachable, which mitmproxy's
-            # forwarding cannot give (mitmproxy-notes §0.5): revalidate with our own client.
-            return await self._refresh_in_foreground(ex, stale)
         # §4.3.1: the entry's validators replace the client's; its own are answered by us.
         ex.revalidating = stale
         ex.validators = tuple(sem.validators_for(stale))
@@ -208,14 +217,21 @@ class Pipeline:
     # ------------------------------------------------------------------ coalescing
 
     async def _coalesce(self, ex: Exchange) -> bool:
-        """Wait for another request's fetch of this key, or lead one. True if answered."""
+        """Wait for another request's fetch of this key, or lead one. True if answered.
+
+        Coalescing is per Vary variant once the URL's Vary names are known (from what is
+        stored, or from the fetch just waited for): a request for one variant never waits
+        behind another variant's fetch."""
         service = self.service
+        names = _vary_names(ex.resource)
         for _ in range(3):
-            flight = service.coalescer.current(ex.key)
+            variant = _variant(names, ex.request.headers)
+            flight_key = ex.key + variant
+            flight = service.coalescer.current(flight_key)
             if flight is None:
                 if ex.request.method != "GET":
                     return False  # a HEAD cannot fill the GET entry, so it never leads
-                ex.flight = service.coalescer.lead(ex.key)
+                ex.flight, ex.flight_key, ex.variant = service.coalescer.lead(flight_key), flight_key, variant
                 return await self._lease(ex)
             service.metrics.coalesced.inc()
             start = time.time()
@@ -230,7 +246,8 @@ class Pipeline:
                 return False
             entry = sem.select_variant(resource.variants, ex.request.headers)
             if entry is None:
-                continue  # another Vary variant was fetched: one of us leads the fetch of ours
+                names = _vary_names(resource)  # another variant was fetched: ours is keyed apart now
+                continue
             return self._serve_collapsed(ex, entry, result, None)
         return False
 
@@ -240,7 +257,7 @@ class Pipeline:
         if not store.has_l2:
             return False
         token = uuid.uuid4().hex
-        lease = await store.acquire_lease(ex.key, token, settings.lease_ms)
+        lease = await store.acquire_lease(ex.key, token, settings.lease_ms, ex.variant)
         if lease is Lease.ACQUIRED:
             ex.lease_token = token
             return False
@@ -248,7 +265,7 @@ class Pipeline:
             return False
         metrics.lease_waits.inc()
         start = time.time()
-        resource, why = await store.wait_for_fill(ex.key, settings.lease_ms / 1000, known=ex.resource)
+        resource, why = await store.wait_for_fill(ex.key, settings.lease_ms / 1000, ex.resource, ex.variant)
         ex.outcome.time("cache.lease_wait", start)
         if why == "timeout":
             metrics.lease_timeouts.inc()
@@ -280,11 +297,11 @@ class Pipeline:
     async def _finish(self, ex: Exchange, result: FlightResult, resource: Resource | None = None) -> None:
         """Wake this request's waiters and release its lease (idempotent)."""
         if ex.flight is not None:
-            self.service.coalescer.finish(ex.key, ex.flight, result, resource)
+            self.service.coalescer.finish(ex.flight_key, ex.flight, result, resource)
             ex.flight = None
         if ex.lease_token is not None:
             token, ex.lease_token = ex.lease_token, None
-            await self.service.store.release_lease(ex.key, token)
+            await self.service.store.release_lease(ex.key, token, ex.variant)
 
     # ------------------------------------------------------------------ stale-if-error path
 
@@ -323,7 +340,7 @@ class Pipeline:
             await self._finish(ex, FlightResult.STALE_IF_ERROR, ex.resource)
             return
         # Hand the origin's own answer to the client (not stored), or a 502 if there was none.
-        ex.reply = responses.from_origin(result.fetched, result.error)
+        ex.reply = responses.from_origin(result.fetched, result.error, head=req.method == "HEAD")
         outcome.label, outcome.result = MISS, "miss"
         if result.outcome == "kept":
             outcome.not_stored = result.error
@@ -460,8 +477,14 @@ class Pipeline:
 
 
 def _target(req: Request) -> bytes:
-    """The request target as the client sent it (mitmproxy decoded it with surrogateescape)."""
-    return req.path.encode("utf-8", "surrogateescape")
+    """The request target as it went upstream (mitmproxy decoded it with surrogateescape):
+    absolute-form when the client named another authority than the origin's, else origin-form."""
+    target = req.path
+    if req.authority and sem.normalize_authority(req.scheme, *split_host_port(req.authority)) != sem.normalize_authority(
+        req.scheme, req.host, req.port
+    ):
+        target = f"{req.scheme}://{req.authority}{req.path}"
+    return target.encode("utf-8", "surrogateescape")
 
 
 def _add_cookies(ex: Exchange, origin: Response | None) -> None:
@@ -472,3 +495,15 @@ def _add_cookies(ex: Exchange, origin: Response | None) -> None:
     cookies = tuple((k, v) for k, v in origin.headers if k.lower() in sem.NOT_SHARED)
     if cookies:
         ex.reply = dataclasses.replace(ex.reply, headers=ex.reply.headers + cookies)
+
+
+def _vary_names(resource: Resource | None) -> tuple[str, ...]:
+    """The request fields the stored responses of a URL vary on (RFC 9111 §4.1)."""
+    if resource is None:
+        return ()
+    return tuple(sorted({name for v in resource.variants for name, _ in v.vary}))
+
+
+def _variant(names: tuple[str, ...], headers: sem.HeaderList) -> str:
+    """The request's values of ``names``, normalised as Vary compares them ("" without names)."""
+    return "\nvary:" + repr(sem.request_vary_values(names, headers)) if names else ""

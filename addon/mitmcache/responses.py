@@ -50,8 +50,9 @@ def from_entry(
     return Response(status, reason, tuple(fields), body, now, now)
 
 
-def from_origin(fetched: Response | None, error: str | None) -> Response:
-    """The cache's own origin fetch as sent to the client, or a 502 if the origin gave none."""
+def from_origin(fetched: Response | None, error: str | None, head: bool = False) -> Response:
+    """The cache's own origin fetch as sent to the client, or a 502 if the origin gave none;
+    for a HEAD, without the body (its Content-Length kept)."""
     if fetched is None or fetched.body is None:
         body = f"mitmcache: origin unreachable: {error}".encode()
         now = fetched.response_time if fetched else 0.0
@@ -60,7 +61,8 @@ def from_origin(fetched: Response | None, error: str | None) -> Response:
     fields.append(("content-length", str(len(fetched.body))))
     if sem.header_get(fields, "date") is None:  # RFC 9110 §6.6.1: the time of receipt
         fields.append(("Date", sem.format_http_date(fetched.response_time)))
-    return Response(fetched.status, fetched.reason, tuple(fields), fetched.body, fetched.request_time, fetched.response_time)
+    body = b"" if head else fetched.body
+    return Response(fetched.status, fetched.reason, tuple(fields), body, fetched.request_time, fetched.response_time)
 
 
 def gateway_timeout(now: float) -> Response:

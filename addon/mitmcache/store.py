@@ -92,11 +92,11 @@ class SharedTier(Protocol):
 
     async def index_pop(self, base: str) -> list[str]: ...
 
-    async def acquire_lease(self, cache_key: str, token: str, ttl_ms: int) -> bool: ...
+    async def acquire_lease(self, cache_key: str, token: str, ttl_ms: int, variant: str = "") -> bool: ...
 
-    async def release_lease(self, cache_key: str, token: str) -> None: ...
+    async def release_lease(self, cache_key: str, token: str, variant: str = "") -> None: ...
 
-    async def poll_fill(self, cache_key: str) -> tuple[bytes | None, bool]: ...
+    async def poll_fill(self, cache_key: str, variant: str = "") -> tuple[bytes | None, bool]: ...
 
     async def clear(self) -> int: ...
 
@@ -209,7 +209,7 @@ class TieredStore:
             await self._index(index, key, retain, now)
         if self._l2 is not None:
             try:
-                await self._l2.set(key, codec.encode(resource.variants), math.ceil((retain - now) * 1000))
+                await self._l2.set(key, codec.encode(resource.variants, key), math.ceil((retain - now) * 1000))
             except L2Error as e:
                 self.metrics.valkey_set_fallback.inc()
                 log.debug(f"mitmcache: L2 set fell back to L1: {e}")
@@ -240,7 +240,7 @@ class TieredStore:
 
     def _decode(self, key: str, data: bytes) -> Resource | None:
         try:
-            return Resource(codec.decode(data))
+            return Resource(codec.decode(data, key))
         except codec.DecodeError as e:
             self.metrics.valkey_decode_errors.inc()
             self.metrics.bad_input.labels("valkey-value").inc()
@@ -249,25 +249,26 @@ class TieredStore:
 
     # ------------------------------------------------------------------ fill leases (spec §5)
 
-    async def acquire_lease(self, key: str, token: str, ttl_ms: int) -> Lease:
+    async def acquire_lease(self, key: str, token: str, ttl_ms: int, variant: str = "") -> Lease:
+        """The fill lease of ``key`` (one per Vary ``variant``) across proxies."""
         if self._l2 is None:
             return Lease.UNAVAILABLE
         try:
-            return Lease.ACQUIRED if await self._l2.acquire_lease(key, token, ttl_ms) else Lease.HELD
+            return Lease.ACQUIRED if await self._l2.acquire_lease(key, token, ttl_ms, variant) else Lease.HELD
         except L2Error as e:
             log.debug(f"mitmcache: lease unavailable, coalescing locally: {e}")
             return Lease.UNAVAILABLE
 
-    async def release_lease(self, key: str, token: str) -> None:
+    async def release_lease(self, key: str, token: str, variant: str = "") -> None:
         if self._l2 is None:
             return
         try:
-            await self._l2.release_lease(key, token)
+            await self._l2.release_lease(key, token, variant)
         except L2Error as e:
             log.debug(f"mitmcache: lease release failed (it will expire): {e}")
 
     async def wait_for_fill(
-        self, key: str, timeout: float, known: Resource | None = None
+        self, key: str, timeout: float, known: Resource | None = None, variant: str = ""
     ) -> tuple[Resource | None, str]:
         """Wait for another proxy's fill of ``key``: (resource, "filled"), or (None, why not).
 
@@ -281,7 +282,7 @@ class TieredStore:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                data, held = await self._l2.poll_fill(key)
+                data, held = await self._l2.poll_fill(key, variant)
             except L2Error:
                 return None, "unavailable"
             if data is not None:

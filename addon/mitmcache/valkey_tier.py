@@ -32,6 +32,16 @@ MAX_PENDING_DELETES = 10_000
 T = TypeVar("T")
 
 # Compare-and-delete (works on every Valkey version; DELIFEQ needs 9.0).
+# Take the lease, or — when someone holds it — make sure it ends within our bound: a lease
+# found without a TTL (or with a longer one: garbage, an old writer) must never stall waiters
+# for longer than ``ttl`` (issue: a TTL-less lease stalled every request for 5 s forever).
+_ACQUIRE_LUA = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+local left = redis.call('PTTL', KEYS[1])
+if left == -1 or left > tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
 _RELEASE_LUA = """
 if redis.call('get', KEYS[1]) == ARGV[1] then
     return redis.call('del', KEYS[1])
@@ -174,22 +184,33 @@ class ValkeyTier:
         if errors:
             raise errors[0]
 
-    async def acquire_lease(self, cache_key: str, token: str, ttl_ms: int) -> bool:
-        """``SET lease token NX PX ttl``: True if we own the fill of this URL now."""
+    def _lease_key(self, lease_key: str, variant: str) -> str:
+        """One lease per Vary variant of a URL (on the URL's node): variants never wait for
+        each other's fetches."""
+        return f"{lease_key}:{xxhash.xxh3_64_hexdigest(variant.encode('utf-8', 'surrogateescape'))}" if variant else lease_key
+
+    async def acquire_lease(self, cache_key: str, token: str, ttl_ms: int, variant: str = "") -> bool:
+        """``SET lease token NX PX ttl``: True if we own the fill of this URL (variant) now; a
+        lease held by someone else is bounded to ``ttl_ms`` from now."""
         node, _, lease_key = self._place(cache_key)
-        result = await self._run(node, "lease", lambda: node.client.set(lease_key, token, nx=True, px=max(1, ttl_ms)))
+        lease_key = self._lease_key(lease_key, variant)
+        result = await self._run(
+            node, "lease", lambda: node.client.eval(_ACQUIRE_LUA, 1, lease_key, token, max(1, ttl_ms))  # type: ignore[arg-type,return-value]
+        )
         return bool(result)
 
-    async def release_lease(self, cache_key: str, token: str) -> None:
+    async def release_lease(self, cache_key: str, token: str, variant: str = "") -> None:
         """Delete the lease only if we still own it (an expired lease may be someone else's)."""
         node, _, lease_key = self._place(cache_key)
+        lease_key = self._lease_key(lease_key, variant)
         await self._run(
             node, "release", lambda: node.client.eval(_RELEASE_LUA, 1, lease_key, token)  # type: ignore[arg-type,return-value]
         )
 
-    async def poll_fill(self, cache_key: str) -> tuple[bytes | None, bool]:
+    async def poll_fill(self, cache_key: str, variant: str = "") -> tuple[bytes | None, bool]:
         """(value, lease still held) in one round trip, for proxies waiting on another's fill."""
         node, key, lease_key = self._place(cache_key)
+        lease_key = self._lease_key(lease_key, variant)
 
         async def both() -> list[Any]:
             async with node.client.pipeline(transaction=False) as pipe:

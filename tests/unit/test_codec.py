@@ -7,11 +7,13 @@ import random
 import struct
 
 import pytest
+import xxhash
 
 from mitmcache import codec
 from mitmcache import semantics as sem
 
 NOW = 1_800_000_000.0
+KEY = "http://o.example/r"
 
 
 def variant(lang: str, body: bytes) -> sem.StoredResponse:
@@ -24,23 +26,41 @@ def variant(lang: str, body: bytes) -> sem.StoredResponse:
 
 def test_round_trip_keeps_every_field_and_raw_body() -> None:
     variants = (variant("en", b"\x00\xffbinary"), variant("de", b""))
-    data = codec.encode(variants)
+    data = codec.encode(variants, KEY)
     assert b"\x00\xffbinary" in data  # raw, not base64
-    assert codec.decode(data) == variants
+    assert codec.decode(data, KEY) == variants
 
 
 def test_missing_vary_value_round_trips_as_none() -> None:
     v = sem.make_stored_response(200, "OK", [], [("Vary", "Origin"), ("Cache-Control", "max-age=1")], b"x", NOW, NOW)
-    assert codec.decode(codec.encode((v,)))[0].vary == (("origin", None),)
+    assert codec.decode(codec.encode((v,), KEY), KEY)[0].vary == (("origin", None),)
+
+
+def test_a_value_copied_under_another_key_is_refused() -> None:
+    data = codec.encode((variant("en", b"tenant a's body"),), KEY)
+    with pytest.raises(codec.DecodeError, match="another key"):
+        codec.decode(data, "http://o.example/other")
+
+
+def test_a_changed_byte_that_still_decodes_is_refused() -> None:
+    data = bytearray(codec.encode((variant("en", b"body"),), KEY))
+    data[data.index(b"body")] = ord("B")  # still a valid value, but not what was written
+    with pytest.raises(codec.DecodeError, match="checksum"):
+        codec.decode(bytes(data), KEY)
+
+
+def test_a_version_1_value_is_a_clean_miss() -> None:
+    with pytest.raises(codec.DecodeError, match="version 1"):
+        codec.decode(b"MCR\x01\x00\x01" + b"\x00" * 40, KEY)
 
 
 GARBAGE = [
     b"",
     b"hello world",
     b"MCR",
-    b"MCR\x02\x00\x01",  # unknown version
-    b"MCR\x01\x00\x00",  # no variants
-    b"MCR\x01\x00\x01\x00\x00\x00\x05{}",  # truncated
+    b"MCR\x09\x00\x01",  # unknown version
+    b"MCR\x02\x00\x00" + b"\x00" * 24,  # no variants
+    b"MCR\x02\x00\x01" + codec.key_digest(KEY) + b"\x00" * 8 + b"\x00\x00\x00\x05{}",  # truncated
     b"\x80\x04\x95pickle",  # a pickle is just bytes to us
 ]
 
@@ -48,28 +68,32 @@ GARBAGE = [
 @pytest.mark.parametrize("data", GARBAGE)
 def test_garbage_is_a_decode_error(data: bytes) -> None:
     with pytest.raises(codec.DecodeError):
-        codec.decode(data)
+        codec.decode(data, KEY)
 
 
 def _with_meta(meta: object) -> bytes:
+    """A value with this metadata, a correct key digest and checksum (only the types are wrong)."""
     m = json.dumps(meta).encode()
-    return b"MCR\x01\x00\x01" + struct.pack(">I", len(m)) + m + struct.pack(">I", 1) + b"x"
+    payload = struct.pack(">I", len(m)) + m + struct.pack(">I", 1) + b"x"
+    head = b"MCR\x02\x00\x01" + codec.key_digest(KEY) + struct.pack(">Q", xxhash.xxh3_64_intdigest(payload))
+    return head + payload
 
 
 def test_wrong_types_in_metadata_are_rejected() -> None:
-    good = json.loads(codec.encode((variant("en", b"x"),))[10:].split(b"\x00\x00\x00\x01x")[0])
-    assert codec.decode(_with_meta(good))[0].status == 200
+    data = codec.encode((variant("en", b"x"),), KEY)
+    good = json.loads(data[34:].split(b"\x00\x00\x00\x01x")[0])
+    assert codec.decode(_with_meta(good), KEY)[0].status == 200
     for field, bad in [("status", "200"), ("freshness", None), ("headers", [["a"]]), ("never_serve_stale", 1),
                        ("status", 99999), ("etag", 5), ("vary", [["a", 1]]), ("freshness", 1e999)]:
         meta = dict(good, **{field: bad})
         with pytest.raises(codec.DecodeError):
-            codec.decode(_with_meta(meta))
+            codec.decode(_with_meta(meta), KEY)
     with pytest.raises(codec.DecodeError):
-        codec.decode(_with_meta([1, 2]))
+        codec.decode(_with_meta([1, 2]), KEY)
 
 
 def test_random_mutations_never_raise_anything_but_decode_error() -> None:
-    data = codec.encode((variant("en", b"body" * 10),))
+    data = codec.encode((variant("en", b"body" * 10),), KEY)
     rng = random.Random(7)
     for _ in range(3000):
         mutated = bytearray(data)
@@ -78,6 +102,6 @@ def test_random_mutations_never_raise_anything_but_decode_error() -> None:
         if rng.random() < 0.3:
             mutated = mutated[: rng.randrange(len(mutated))]
         try:
-            codec.decode(bytes(mutated))
+            codec.decode(bytes(mutated), KEY)
         except codec.DecodeError:
             pass

@@ -34,6 +34,7 @@ def request_from_flow(flow: http.HTTPFlow, policies: PolicySet) -> Request:
         r.method, r.scheme, r.host, r.port, r.path,
         tuple(r.headers.items(multi=True)), r.host_header, r.timestamp_start or time.time(),
         match_flow(policies, flow) if policies else None,
+        r.authority,
     )
 
 
