@@ -26,6 +26,7 @@ WHY = {
     "request": "the request's Cache-Control (no-cache, max-age or min-fresh) asks for a validated response (RFC 9111 §5.2.1)",
     "no-cache": "the stored response says no-cache: it is validated on every use (RFC 9111 §5.2.2.4)",
     "only-if-cached": "only-if-cached and nothing usable stored: 504 (RFC 9111 §5.2.1.7)",
+    "origin-timeout": "the fetch this request waited for took longer than cache_origin_timeout_ms: 504 (RFC 9110 §15.6.5)",
     "range": "a Range request without a usable stored response goes to the origin as it is (RFC 9111 §3.3)",
     "method": "only responses to GET are stored (RFC 9111 §3)",
     "status": "final status codes only; 206 and 304 are not stored (RFC 9111 §3, §3.3)",

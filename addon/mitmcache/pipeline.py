@@ -235,9 +235,16 @@ class Pipeline:
                 return await self._lease(ex)
             service.metrics.coalesced.inc()
             start = time.time()
-            waited = await service.coalescer.wait(flight, service.settings.coalesce_wait)
+            # Waiters share the leader's origin timeout: a hung origin costs one request per
+            # key, and each waiter at most cache_origin_timeout_ms from the fetch's start.
+            deadline = flight.started + service.settings.origin_timeout
+            bound = min(service.settings.coalesce_wait, max(0.0, deadline - time.monotonic()))
+            waited = await service.coalescer.wait(flight, bound)
             ex.outcome.time("cache.coalesce_wait", start)
             if waited is None:
+                if time.monotonic() >= deadline:
+                    self._origin_timed_out(ex)
+                    return True
                 return False  # waited long enough: go alone
             result, resource = waited
             if result is FlightResult.FAILED:
@@ -274,6 +281,22 @@ class Pipeline:
             await self._finish(ex, FlightResult.STORED, resource)
             return True
         return False  # fetch ourselves; our local waiters keep waiting for us
+
+    def _origin_timed_out(self, ex: Exchange) -> None:
+        """The fetch this request waited for outlived cache_origin_timeout_ms: the stale entry
+        when stale-if-error allows it (RFC 5861 §4), else 504 (RFC 9110 §15.6.5)."""
+        now, outcome = time.time(), ex.outcome
+        stale = sem.select_variant(ex.resource.variants, ex.request.headers) if ex.resource else None
+        outcome.status.detail.append("origin-timeout")
+        if stale is not None and sem.may_serve_stale_if_error(stale, ex.directives, now):
+            outcome.status.fwd = "stale"
+            outcome.status.detail.append("stale-if-error")
+            outcome.stale_if_error = True
+            self._serve(ex, stale, now, STALE, "stale", hit=False)
+            return
+        ex.reply = responses.gateway_timeout(now)
+        outcome.why = WHY["origin-timeout"]
+        outcome.label, outcome.result = MISS, "miss"
 
     def _serve_collapsed(self, ex: Exchange, entry: StoredResponse, result: FlightResult, detail: str | None) -> bool:
         """Answer from another request's fetch (``entry``: this request's variant of it)."""

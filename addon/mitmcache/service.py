@@ -38,6 +38,7 @@ class Settings:
     max_object_bytes: int = 10485760  # bytes; larger bodies pass through unstored
     heuristic_cap: float = sem.DEFAULT_HEURISTIC_CAP  # seconds (RFC 9111 §4.2.2)
     coalesce_wait: float = 15.0  # seconds a request waits for another's fetch
+    origin_timeout: float = 10.0  # seconds an origin may take; waiters give up on a fetch after it
     lease_ms: int = 5000  # milliseconds a fill lease lives in Valkey
     # RFC 9213 target list: targeted fields that replace Cache-Control/Expires, in precedence order.
     targets: tuple[str, ...] = ("mitmcache-cache-control", sem.CDN_CACHE_CONTROL)

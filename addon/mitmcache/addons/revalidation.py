@@ -52,11 +52,12 @@ class Revalidation:
     def configure(self, updated: set[str]) -> None:
         service = self.service
         values = {name: at_least(name, 1) for name in INT_OPTIONS if name in updated}
-        if "cache_coalesce_wait_ms" in values or "cache_lease_ms" in values:
+        if values.keys() & {"cache_coalesce_wait_ms", "cache_lease_ms", "cache_origin_timeout_ms"}:
             service.settings = dataclasses.replace(
                 service.settings,
                 coalesce_wait=ctx.options.cache_coalesce_wait_ms / 1000,
                 lease_ms=ctx.options.cache_lease_ms,
+                origin_timeout=ctx.options.cache_origin_timeout_ms / 1000,
             )
         if updated & ({"cache_revalidate_workers", "cache_revalidate_queue", "cache_origin_timeout_ms"} | TLS_OPTIONS):
             opts = ctx.options
