@@ -449,7 +449,7 @@ class Pipeline:
         outcome.status.fwd = outcome.status.fwd or "uri-miss"
         outcome.status.fwd_status = resp.status
         resource = None
-        if req.method == "GET" and ex.revalidating is not None and resp.status >= 500:
+        if req.method == "GET" and resp.status >= 500 and (ex.revalidating is not None or self._has_stored(ex)):
             # §4.3.3: the cache may act as if the origin had not answered: the stored response
             # stays (a 5xx never replaces it, whatever freshness it claims).
             outcome.status.detail.append("kept-stored")
@@ -471,6 +471,12 @@ class Pipeline:
             self._serve(ex, outcome.entry, now, MISS, "miss", hit=False)
             return ex.reply
         return replacement
+
+    @staticmethod
+    def _has_stored(ex: Exchange) -> bool:
+        """Is a response stored for this request's variant (a Range or no-cache request that
+        went upstream past it, for instance)?"""
+        return ex.resource is not None and sem.select_variant(ex.resource.variants, ex.request.headers) is not None
 
     async def _refetch_unconditionally(self, ex: Exchange) -> tuple[Response | None, str | None]:
         """Ask the origin again without validators, with the cache's own client."""

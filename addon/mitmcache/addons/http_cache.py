@@ -31,7 +31,9 @@ MARKERS = {HIT: ":green_circle:", STALE: ":orange_circle:"}
 def request_from_flow(flow: http.HTTPFlow, policies: PolicySet) -> Request:
     r = flow.request
     return Request(
-        r.method, r.scheme, r.host, r.port, r.path,
+        # The method as sent: mitmproxy's Request.method upper-cases it, but methods are
+        # case-sensitive (RFC 9110 §9.1): a "get" is not a GET.
+        r.data.method.decode("utf-8", "surrogateescape"), r.scheme, r.host, r.port, r.path,
         tuple(r.headers.items(multi=True)), r.host_header, r.timestamp_start or time.time(),
         match_flow(policies, flow) if policies else None,
         r.authority,
