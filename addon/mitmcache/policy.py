@@ -17,7 +17,7 @@ import fnmatch
 import hashlib
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -314,25 +314,26 @@ def _url_only(flt: Any) -> bool:
 class PolicySet:
     """The compiled ``cache_policy`` rules; ``match`` returns the first matching rule.
 
-    When every rule reads only method, host and URL, matches are memoised per
-    (method, host, URL) in a bounded map, so 50 rules cost the hit path one dict lookup.
+    When every rule reads only method, host and URL, matches are memoised per request line
+    (``memo_key``: whatever determines method, host and URL) in a bounded map, so 50 rules cost
+    the hit path one dict lookup.
     """
 
     MEMO_SIZE = 10000
 
     def __init__(self, rules: Sequence[Policy] = ()) -> None:
         self.rules = tuple(rules)
-        self._memo: dict[tuple[bytes, str, str], Policy | None] | None = (
+        self._memo: dict[Hashable, Policy | None] | None = (
             {} if all(r.url_only for r in self.rules) else None
         )
 
     def __bool__(self) -> bool:
         return bool(self.rules)
 
-    def match(self, flow: object, method: bytes, host: str, url: str) -> Policy | None:
+    def match(self, flow: object, memo_key: Hashable) -> Policy | None:
         memo = self._memo
         if memo is not None:
-            key = (method, host, url)
+            key = memo_key
             try:
                 return memo[key]
             except KeyError:

@@ -439,7 +439,7 @@ def counted(spec: str, index: int = 1) -> tuple[Policy, Counting]:
 
 def match(policies: PolicySet, url: str, headers: tuple[tuple[bytes, bytes], ...] = ()) -> Policy | None:
     f = flow(url, headers)
-    return policies.match(f, f.request.data.method, f.request.host, f.request.pretty_url)
+    return policies.match(f, (f.request.data.method, f.request.host, f.request.pretty_url))
 
 
 def test_first_matching_rule_wins_and_no_match_is_none() -> None:

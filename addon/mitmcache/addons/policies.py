@@ -30,8 +30,11 @@ def match_flow(policies: PolicySet, flow: http.HTTPFlow) -> Policy | None:
     """The first rule that matches ``flow`` (memoised by method, host and URL when it can be)."""
     if not policies:
         return None
-    req = flow.request
-    return policies.match(flow, req.data.method, req.host, req.pretty_url)
+    data = flow.request.data
+    # What ~d/~u/~m read (method, scheme, host, port, path, the Host field or :authority),
+    # without building pretty_url on the hit path.
+    return policies.match(flow, (data.method, data.scheme, data.authority, data.host, data.port, data.path,
+                                 data.headers.get(b"host")))
 
 
 def _header_args(args: Sequence[str]) -> Headers:
