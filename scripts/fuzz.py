@@ -145,6 +145,8 @@ def origin_view(method: str, target: bytes, host: bytes | None) -> View:
 
 
 def split_list(values: list[str]) -> list[str]:
+    """RFC 9110 §5.6.1 lists. The oracle's own copy on purpose: reusing the cache's would hide
+    a bug in it."""
     out: list[str] = []
     for value in values:
         buf: list[str] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -11,6 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -89,8 +91,19 @@ class Proxy:
         return self.output
 
 
+def popen_child(args: list[str], cwd: Path, stdout: Any = subprocess.PIPE) -> subprocess.Popen[bytes]:
+    """A child process (stdout+stderr together) that dies with the test run."""
+    return subprocess.Popen(args, stdout=stdout, stderr=subprocess.STDOUT, cwd=cwd,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=die_with_parent)
+
+
+# Sequence options: every ``--set name=value`` adds one item instead of replacing the last.
+SEQUENCE_OPTIONS = frozenset({"cache_policy"})
+
+
 def start_proxy(tmp: Path, mode: str, *sets: str, script: Path = ENTRY) -> Proxy:
-    """Start mitmdump with the addon; ``sets`` are ``name=value`` options (they win)."""
+    """Start mitmdump with the addon; ``sets`` are ``name=value`` options (they win; a
+    sequence option such as ``cache_policy`` may be given several times)."""
     port, metrics_port = free_port(), free_port()
     confdir = tmp / "mitmproxy-conf"
     confdir.mkdir(parents=True, exist_ok=True)
@@ -99,9 +112,13 @@ def start_proxy(tmp: Path, mode: str, *sets: str, script: Path = ENTRY) -> Proxy
         "cache_metrics_port": str(metrics_port),
         "termlog_verbosity": "warn",
     }
+    items: list[str] = []
     for s in sets:
         name, _, value = s.partition("=")
-        options[name] = value
+        if name in SEQUENCE_OPTIONS:
+            items.append(s)
+        else:
+            options[name] = value
     metrics_port = int(options["cache_metrics_port"])
     args = [
         str(MITMDUMP), "-q",
@@ -111,8 +128,9 @@ def start_proxy(tmp: Path, mode: str, *sets: str, script: Path = ENTRY) -> Proxy
     ]
     for name, value in options.items():
         args += ["--set", f"{name}={value}"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=die_with_parent)
+    for item in items:
+        args += ["--set", item]
+    proc = popen_child(args, tmp)
     proxy = Proxy(proc, port, metrics_port, confdir)
     try:
         wait_for_port(port, proc)
@@ -122,6 +140,89 @@ def start_proxy(tmp: Path, mode: str, *sets: str, script: Path = ENTRY) -> Proxy
         proxy.stop()
         raise
     return proxy
+
+
+MITMWEB = Path(sys.executable).parent / "mitmweb"
+WEB_PASSWORD = "s3cret"
+# mitmweb wants a password and tornado's double-submit XSRF token (same value in both places).
+WEB_AUTH = {"Authorization": f"Bearer {WEB_PASSWORD}", "X-XSRFToken": "t", "Cookie": "_mitmproxy_xsrf=t"}
+
+
+@dataclass
+class Web:
+    """A running ``mitmweb -s addon/mitmcache_addon.py --mode reverse:<origin>``."""
+
+    proc: subprocess.Popen[bytes]
+    port: int  # the proxy's listener
+    web_port: int
+    log: Path
+    api: httpx.Client = field(init=False)  # mitmweb's REST API
+    client: httpx.Client = field(init=False)  # a client of the proxy
+
+    def __post_init__(self) -> None:
+        self.api = httpx.Client(base_url=f"http://127.0.0.1:{self.web_port}", headers=WEB_AUTH, timeout=10)
+        self.client = httpx.Client(base_url=self.proxy_url, timeout=10)
+
+    @property
+    def proxy_url(self) -> str:
+        """The URL a client of the reverse proxy uses (not the origin's)."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def new_client(self, **kwargs: Any) -> httpx.Client:
+        """Another client of the proxy (e.g. with its own default headers); close it."""
+        return httpx.Client(base_url=self.proxy_url, timeout=10, **kwargs)
+
+    def call(self, name: str, *args: str) -> dict[str, Any]:
+        """``POST /commands/<name>``: ``{"value": …}`` or ``{"error": …}`` (both with status 200)."""
+        r = self.api.post(f"/commands/{name}", json={"arguments": list(args)})
+        r.raise_for_status()
+        return r.json()  # type: ignore[no-any-return]
+
+    def command(self, name: str, *args: str) -> Any:
+        body = self.call(name, *args)
+        assert "error" not in body, body
+        return body["value"]
+
+    def command_json(self, name: str, *args: str) -> Any:
+        """A command that answers with a JSON string (cache.explain, cache.inspect, cache.stats)."""
+        return json.loads(self.command(name, *args))
+
+    def flows(self, path_prefix: str) -> list[dict[str, Any]]:
+        """The flow list (``GET /flows``), only flows whose path starts with ``path_prefix``."""
+        return [f for f in self.api.get("/flows").json() if f["request"]["path"].startswith(path_prefix)]
+
+    def set_options(self, **options: object) -> None:
+        self.api.put("/options", json=options).raise_for_status()
+
+    def stop(self) -> str:
+        self.client.close()
+        self.api.close()
+        stop_process(self.proc)
+        return self.log.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def running_mitmweb(tmp: Path, origin: Origin, *sets: str) -> Iterator[Web]:
+    """mitmweb with the addon in front of ``origin``; fails if it logged an addon error."""
+    port, web_port = free_port(), free_port()
+    log = tmp / "mitmweb.log"
+    args = [str(MITMWEB), "-s", str(ENTRY), "--mode", f"reverse:{origin.url}", "--listen-host", "127.0.0.1",
+            "-p", str(port), "--web-port", str(web_port), "--no-web-open-browser",
+            "--set", f"web_password={WEB_PASSWORD}", "--set", f"confdir={tmp}", "--set", "termlog_verbosity=warn"]
+    for s in sets:
+        args += ["--set", s]
+    with log.open("wb") as out:  # a file, not a pipe: nobody reads a pipe while tests run
+        proc = popen_child(args, tmp, stdout=out)
+    w = Web(proc, port, web_port, log)
+    try:
+        wait_for_port(port, proc)
+        wait_for_port(web_port, proc)
+    except Exception:
+        print(w.stop())
+        raise
+    yield w
+    output = w.stop()
+    assert "Addon error" not in output, output[-5000:]
 
 
 @pytest.fixture(scope="module")

@@ -292,23 +292,23 @@ def _setting(name: str, raw: str) -> object:
 _URL_ONLY = {"FDomain", "FUrl", "FMethod", "FHTTP", "FReq", "FAll"}
 
 
-def _reads_response(flt: Any) -> bool:
+def _filter_kinds(flt: Any) -> set[str]:
+    """The kinds of test a compiled mitmproxy filter expression makes (its leaves)."""
     kind = type(flt).__name__
     if kind in ("FAnd", "FOr"):
-        return any(_reads_response(x) for x in flt.lst)
+        return set().union(*(_filter_kinds(x) for x in flt.lst))
     if kind == "FNot":
-        return _reads_response(flt.itm)
-    return kind in _RESPONSE_FILTERS
+        return _filter_kinds(flt.itm)
+    return {kind}
+
+
+def _reads_response(flt: Any) -> bool:
+    return bool(_filter_kinds(flt) & _RESPONSE_FILTERS)
 
 
 def _url_only(flt: Any) -> bool:
     """Does the filter read only the method, host and URL (so a match can be memoised)?"""
-    kind = type(flt).__name__
-    if kind in ("FAnd", "FOr"):
-        return all(_url_only(x) for x in flt.lst)
-    if kind == "FNot":
-        return _url_only(flt.itm)
-    return kind in _URL_ONLY
+    return _filter_kinds(flt) <= _URL_ONLY
 
 
 class PolicySet:

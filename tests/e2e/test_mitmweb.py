@@ -8,103 +8,23 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
-import subprocess
-import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
 from mitmproxy import io as mitmio
 
-from mitmcache.valkey_nodes import die_with_parent
-from tests.conftest import ENTRY, free_port, stop_process, wait_for_port
+from tests.conftest import Web, running_mitmweb
 from tests.origin import Origin
 
-MITMWEB = Path(sys.executable).parent / "mitmweb"
-PASSWORD = "s3cret"
-# mitmweb wants a password and tornado's double-submit XSRF token (same value in both places).
-AUTH = {"Authorization": f"Bearer {PASSWORD}", "X-XSRFToken": "t", "Cookie": "_mitmproxy_xsrf=t"}
 # GET /flows shows flow.marked as mitmproxy's emoji for the marker's shortcode.
 GREEN, ORANGE = "\N{LARGE GREEN CIRCLE}", "\N{LARGE ORANGE CIRCLE}"
 
 
-@dataclass
-class Web:
-    """A running ``mitmweb -s addon/mitmcache_addon.py --mode reverse:<origin>``."""
-
-    proc: subprocess.Popen[bytes]
-    port: int  # the proxy's listener
-    web_port: int
-    log: Path
-    api: httpx.Client = field(init=False)  # mitmweb's REST API
-    client: httpx.Client = field(init=False)  # a client of the proxy
-
-    def __post_init__(self) -> None:
-        self.api = httpx.Client(base_url=f"http://127.0.0.1:{self.web_port}", headers=AUTH, timeout=10)
-        self.client = httpx.Client(base_url=self.proxy_url, timeout=10)
-
-    @property
-    def proxy_url(self) -> str:
-        """The URL a client of the reverse proxy uses (not the origin's)."""
-        return f"http://127.0.0.1:{self.port}"
-
-    def call(self, name: str, *args: str) -> dict[str, Any]:
-        """``POST /commands/<name>``: ``{"value": …}`` or ``{"error": …}`` (both with status 200)."""
-        r = self.api.post(f"/commands/{name}", json={"arguments": list(args)})
-        r.raise_for_status()
-        return r.json()  # type: ignore[no-any-return]
-
-    def command(self, name: str, *args: str) -> Any:
-        body = self.call(name, *args)
-        assert "error" not in body, body
-        return body["value"]
-
-    def command_json(self, name: str, *args: str) -> Any:
-        """A command that answers with a JSON string (cache.explain, cache.inspect, cache.stats)."""
-        return json.loads(self.command(name, *args))
-
-    def flows(self, path_prefix: str) -> list[dict[str, Any]]:
-        """The flow list (``GET /flows``), only flows whose path starts with ``path_prefix``."""
-        return [f for f in self.api.get("/flows").json() if f["request"]["path"].startswith(path_prefix)]
-
-    def set_options(self, **options: object) -> None:
-        self.api.put("/options", json=options).raise_for_status()
-
-    def stop(self) -> str:
-        self.client.close()
-        self.api.close()
-        stop_process(self.proc)
-        return self.log.read_text(errors="replace")
-
-
 @pytest.fixture(scope="module")
 def web(origin: Origin, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]:
-    tmp = tmp_path_factory.mktemp("mitmweb")
-    port, web_port = free_port(), free_port()
-    log = tmp / "mitmweb.log"
-    with log.open("wb") as out:  # a file, not a pipe: nobody reads a pipe while tests run
-        proc = subprocess.Popen(
-            [str(MITMWEB), "-s", str(ENTRY), "--mode", f"reverse:{origin.url}", "--listen-host", "127.0.0.1",
-             "-p", str(port), "--web-port", str(web_port), "--no-web-open-browser",
-             "--set", f"web_password={PASSWORD}", "--set", f"confdir={tmp}", "--set", "termlog_verbosity=warn"],
-            stdout=out, stderr=subprocess.STDOUT, cwd=tmp,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=die_with_parent,
-        )
-    w = Web(proc, port, web_port, log)
-    try:
-        wait_for_port(port, proc)
-        wait_for_port(web_port, proc)
-    except Exception:
-        print(w.stop())
-        raise
-    yield w
-    output = w.stop()
-    assert "Addon error" not in output, output[-5000:]
+    with running_mitmweb(tmp_path_factory.mktemp("mitmweb"), origin) as w:
+        yield w
 
 
 def test_mitmweb_shows_outcomes_and_runs_commands(web: Web, origin: Origin) -> None:

@@ -10,20 +10,17 @@ start their own processes. Responses that must arrive already stale use the orig
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote
 
 import httpx
 import pytest
 
-from mitmcache.valkey_nodes import ValkeyNode, die_with_parent, free_port
-from tests.conftest import ENTRY, MITMDUMP, Proxy, stop_process, wait_for_port
+from mitmcache.valkey_nodes import ValkeyNode, free_port
+from tests.conftest import ENTRY, MITMDUMP, Proxy, Web, popen_child, running_mitmweb, start_proxy
 from tests.origin import Origin, start_origin
 
 RULES = [
@@ -52,36 +49,10 @@ def q(value: str) -> str:
     return quote(value, safe="")
 
 
-def mitmdump_args(tmp: Path, mode: str, port: int, rules: list[str], *sets: str) -> list[str]:
-    """One ``--set cache_policy=…`` per rule (a sequence option), then the other options."""
-    confdir = tmp / "mitmproxy-conf"
-    confdir.mkdir(parents=True, exist_ok=True)
-    args = [str(MITMDUMP), "-q", "-s", str(ENTRY), "--mode", mode, "--listen-host", "127.0.0.1", "-p", str(port),
-            "--set", f"confdir={confdir}", "--set", "termlog_verbosity=warn"]
-    for r in rules:
-        args += ["--set", f"cache_policy={r}"]
-    for s in sets:
-        args += ["--set", s]
-    return args
-
-
-def popen(args: list[str], cwd: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=die_with_parent)
-
-
 def start_policy_proxy(tmp: Path, origin: Origin, rules: list[str], *sets: str) -> Proxy:
-    """``tests.conftest.start_proxy`` keeps one value per option name; rules need several."""
+    """A reverse proxy with these ``cache_policy`` rules (one ``--set`` each)."""
     tmp.mkdir(parents=True, exist_ok=True)
-    port, metrics_port = free_port(), free_port()
-    proc = popen(mitmdump_args(tmp, f"reverse:{origin.url}", port, rules, f"cache_metrics_port={metrics_port}", *sets), tmp)
-    proxy = Proxy(proc, port, metrics_port, tmp / "mitmproxy-conf")
-    try:
-        wait_for_port(port, proc)
-    except Exception:
-        proxy.stop()
-        raise
-    return proxy
+    return start_proxy(tmp, f"reverse:{origin.url}", *(f"cache_policy={r}" for r in rules), *sets)
 
 
 @pytest.fixture(scope="module")
@@ -89,13 +60,6 @@ def proxy(origin: Origin, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     p = start_policy_proxy(tmp_path_factory.mktemp("policy-proxy"), origin, RULES)
     yield p
     p.stop()
-
-
-@pytest.fixture
-def client(proxy: Proxy) -> Iterator[httpx.Client]:
-    c = proxy.client()
-    yield c
-    c.close()
 
 
 def wait_for_count(origin: Origin, path: str, count: int, timeout: float = 5.0) -> None:
@@ -369,7 +333,9 @@ def test_request_no_rule_matches_has_no_policy_detail(client: httpx.Client) -> N
     ],
 )
 def test_invalid_rule_stops_startup_with_one_line(tmp_path: Path, origin: Origin, rules: list[str], index: int, problem: str) -> None:
-    proc = popen(mitmdump_args(tmp_path, f"reverse:{origin.url}", free_port(), rules), tmp_path)
+    args = [str(MITMDUMP), "-q", "-s", str(ENTRY), "--mode", f"reverse:{origin.url}", "--listen-host", "127.0.0.1",
+            "-p", str(free_port()), "--set", f"confdir={tmp_path}", *(a for r in rules for a in ("--set", f"cache_policy={r}"))]
+    proc = popen_child(args, tmp_path)
     try:
         out = proc.communicate(timeout=20)[0].decode(errors="replace")
     except subprocess.TimeoutExpired:
@@ -427,9 +393,6 @@ def test_l1_ttl_zero_keeps_a_rules_entries_in_valkey_only(
 
 # ---------------------------------------------------------------- mitmweb: run-time changes and commands
 
-MITMWEB = Path(sys.executable).parent / "mitmweb"
-PASSWORD = "s3cret"
-AUTH = {"Authorization": f"Bearer {PASSWORD}", "X-XSRFToken": "t", "Cookie": "_mitmproxy_xsrf=t"}
 WEB_RULES = [
     "|~u /web-rt/|ttl=60",  # 1
     "|~u /web-norm/|ttl=60 ignore_params=utm_* sort_params",  # 2
@@ -438,56 +401,15 @@ WEB_RULES = [
 ]
 
 
-class Web:
-    def __init__(self, proc: subprocess.Popen[bytes], port: int, web_port: int, log: Path) -> None:
-        self.proc, self.port, self.log = proc, port, log
-        self.api = httpx.Client(base_url=f"http://127.0.0.1:{web_port}", headers=AUTH, timeout=10)
-        self.proxy_url = f"http://127.0.0.1:{port}"
-
-    def client(self, **kwargs: Any) -> httpx.Client:
-        return httpx.Client(base_url=self.proxy_url, timeout=10, **kwargs)
-
-    def command(self, name: str, *args: str) -> Any:
-        r = self.api.post(f"/commands/{name}", json={"arguments": list(args)})
-        r.raise_for_status()
-        body = r.json()
-        assert "error" not in body, body
-        return body["value"]
-
-    def stop(self) -> str:
-        self.api.close()
-        stop_process(self.proc)
-        return self.log.read_text(errors="replace")
-
-
 @pytest.fixture(scope="module")
 def web(origin: Origin, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]:
-    tmp = tmp_path_factory.mktemp("policy-web")
-    port, web_port = free_port(), free_port()
-    log = tmp / "mitmweb.log"
-    args = [str(MITMWEB), "-s", str(ENTRY), "--mode", f"reverse:{origin.url}", "--listen-host", "127.0.0.1",
-            "-p", str(port), "--web-port", str(web_port), "--no-web-open-browser",
-            "--set", f"web_password={PASSWORD}", "--set", f"confdir={tmp}", "--set", "termlog_verbosity=warn"]
-    for r in WEB_RULES:
-        args += ["--set", f"cache_policy={r}"]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=tmp,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=die_with_parent)
-    w = Web(proc, port, web_port, log)
-    try:
-        wait_for_port(port, proc)
-        wait_for_port(web_port, proc)
-    except Exception:
-        print(w.stop())
-        raise
-    yield w
-    output = w.stop()
-    assert "Addon error" not in output, output[-5000:]
+    with running_mitmweb(tmp_path_factory.mktemp("policy-web"), origin, *(f"cache_policy={r}" for r in WEB_RULES)) as w:
+        yield w
 
 
 def test_rules_change_at_run_time(web: Web, origin: Origin) -> None:
     path = f"/web-rt/a?cc={q('max-age=60')}"
-    with web.client() as c:
+    with web.new_client() as c:
         c.get(path)
         assert c.get(path).headers["x-cache-status"] == "HIT"
         try:
@@ -504,7 +426,7 @@ def test_rules_change_at_run_time(web: Web, origin: Origin) -> None:
 
 
 def test_purge_reaches_the_normalised_key(web: Web, origin: Origin) -> None:
-    with web.client() as c:
+    with web.new_client() as c:
         c.get("/web-norm/p?b=2&a=1")
         assert c.get("/web-norm/p?a=1&b=2").headers["x-cache-status"] == "HIT"
         assert web.command("cache.purge", f"{web.proxy_url}/web-norm/p?utm_x=1&a=1&b=2") == 1
@@ -515,11 +437,11 @@ def test_purge_reaches_the_normalised_key(web: Web, origin: Origin) -> None:
 def test_purge_drops_every_tenants_copy(web: Web, origin: Origin) -> None:
     path = "/web-tenant/purge"
     for tenant in ("a", "b"):
-        with web.client(headers={"X-Tenant-ID": tenant}) as c:
+        with web.new_client(headers={"X-Tenant-ID": tenant}) as c:
             c.get(path)
     web.command("cache.purge", f"{web.proxy_url}{path}")
     for tenant in ("a", "b"):
-        with web.client(headers={"X-Tenant-ID": tenant}) as c:
+        with web.new_client(headers={"X-Tenant-ID": tenant}) as c:
             assert c.get(path).headers["x-cache-status"] == "MISS", tenant
 
 

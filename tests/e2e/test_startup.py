@@ -19,8 +19,8 @@ import httpx
 import pytest
 import valkey
 
-from mitmcache.valkey_nodes import die_with_parent, free_port
-from tests.conftest import ENTRY, MITMDUMP, ROOT, running_nodes, wait_for_port
+from mitmcache.valkey_nodes import free_port
+from tests.conftest import ENTRY, MITMDUMP, ROOT, popen_child, running_nodes, wait_for_port
 from tests.origin import Origin
 
 CC = quote("max-age=300", safe="")
@@ -43,14 +43,9 @@ def mitmdump_args(tmp: Path, origin: Origin, port: int, *sets: str) -> list[str]
     return args
 
 
-def popen(args: list[str], cwd: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=die_with_parent)
-
-
 def run_to_exit(tmp: Path, origin: Origin, *sets: str) -> tuple[int, str]:
     """Start mitmdump expecting it to stop by itself; (exit code, stdout+stderr)."""
-    proc = popen(mitmdump_args(tmp, origin, free_port(), *sets), tmp)
+    proc = popen_child(mitmdump_args(tmp, origin, free_port(), *sets), tmp)
     try:
         out, _ = proc.communicate(timeout=EXIT_TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -122,7 +117,7 @@ def _children(pid: int) -> list[int]:
 
 def start_running(tmp: Path, origin: Origin, *sets: str) -> tuple[Running, int]:
     port = free_port()
-    run = Running(popen(mitmdump_args(tmp, origin, port, *sets), tmp))
+    run = Running(popen_child(mitmdump_args(tmp, origin, port, *sets), tmp))
     try:
         wait_for_port(port, run.proc)
     except Exception:
@@ -249,7 +244,7 @@ def test_scripts_run_honours_the_users_cache_valkey_urls(tmp_path: Path, origin:
             "--mode", f"reverse:{origin.url}", "-p", str(port),
             "--set", f"confdir={confdir}",
         ]
-        run = Running(popen(args, tmp_path))
+        run = Running(popen_child(args, tmp_path))
         try:
             wait_for_port(port, run.proc, timeout=60)
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
