@@ -45,7 +45,6 @@ WHY = {
     "incomplete": "the body was not read whole (streamed)",
     "policy": "an operator rule (cache_policy) says not to store it: no_store, bypass, or a zero ttl/error_ttl",
     "bypass": "an operator rule (cache_policy) says bypass: the cache does not handle this request",
-    "status-kept": "a 5xx to a revalidation never replaces the stored response (RFC 9111 §4.3.3)",
 }
 
 

@@ -50,7 +50,7 @@ def parse_duration(text: str) -> float:
         total += float(m.group(1)) * _UNITS[m.group(2)]
         pos = m.end()
     if pos != len(text) or not text:
-        raise PolicyError(f"not a duration: {text!r} (e.g. 300ms, 30s, 5m, 1h30m)")
+        raise PolicyError(f"not a duration: {text!r} (e.g. 300ms, 30s, 5m, 1h30m, 1d)")
     return total
 
 

@@ -458,3 +458,7 @@ def test_policy_explain_gives_rule_key_and_effective_values(web: Web, origin: Or
     assert debug["rule"]["name"] == "debug" and debug["effective"]["bypass"] is True
     none = json.loads(web.command("cache.policy.explain", f"{origin.url}/elsewhere"))
     assert none["rule"] is None and none["key"] == f"{origin.url}/elsewhere"
+    # The URL a client of the reverse listener uses is mapped to the origin's, as purge does.
+    by_client = json.loads(web.command("cache.policy.explain", f"{web.proxy_url}/web-norm/p?b=2&a=1"))
+    assert by_client["origin_url"] == f"{origin.url}/web-norm/p?b=2&a=1"
+    assert by_client["rule"]["index"] == 2 and by_client["key"] == f"{origin.url}/web-norm/p?a=1&b=2"

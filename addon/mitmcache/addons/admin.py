@@ -12,12 +12,11 @@ from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 from mitmproxy import command, ctx, exceptions, flow, http
-from mitmproxy.proxy import mode_specs
 
 from ..semantics import StoredResponse
 from ..service import CacheService
 from ..store import Resource
-from .config import reject_unknown, reject_unparsable, report_option_errors, spawn
+from .config import origin_urls, reject_unknown, reject_unparsable, report_option_errors, spawn
 from .http_cache import METADATA_KEY, HttpCache
 
 log = logging.getLogger("mitmcache")
@@ -93,22 +92,13 @@ class Admin:
         if key is None:
             raise exceptions.CommandError(f"not an absolute http(s) URL: {url!r}")
         out: list[str] = []
-        parts = urlsplit(url)
-        port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
-        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        for spec in getattr(ctx.options, "mode", []):
-            try:
-                mode = mode_specs.ProxyMode.parse(spec)
-            except ValueError:
-                continue
-            if isinstance(mode, mode_specs.ReverseMode) and mode.listen_port(ctx.options.listen_port) == port:
-                host, origin_port = mode.address
-                host_header = parts.netloc.rpartition("@")[2] if getattr(ctx.options, "keep_host_header", False) else None
-                netloc = f"[{host}]:{origin_port}" if ":" in host else f"{host}:{origin_port}"
-                origin_policy = service.policy_for_url(f"{mode.scheme}://{netloc}{path}", ())
-                origin_key = keys.build(mode.scheme, host, origin_port, path, host_header, origin_policy)
-                if origin_key not in out:
-                    out.append(origin_key)
+        for origin_url, host_header in origin_urls(url):
+            parts = urlsplit(origin_url)
+            path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            policy = service.policy_for_url(origin_url, ())
+            origin_key = keys.build(parts.scheme, parts.hostname or "", parts.port, path, host_header, policy)
+            if origin_key not in out:
+                out.append(origin_key)
         if key not in out and (include_given or not out):
             out.append(key)
         return out

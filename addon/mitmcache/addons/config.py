@@ -18,8 +18,10 @@ import functools
 import logging
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, NoReturn
+from urllib.parse import urlsplit
 
 from mitmproxy import ctx, exceptions
+from mitmproxy.proxy import mode_specs
 from mitmproxy.utils import asyncio_utils, human
 
 log = logging.getLogger("mitmcache")
@@ -121,3 +123,27 @@ def spawn(coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any] | None
         coro.close()
         return None
     return asyncio_utils.create_task(coro, name=f"mitmcache {name}", keep_ref=True)
+
+
+def origin_urls(url: str) -> list[tuple[str, str | None]]:
+    """When ``url``'s port is one of this proxy's reverse-mode listeners (the URL a client
+    used), the origin's URL the request goes to, with the Host the origin then sees when
+    ``keep_host_header`` passes the client's on (else None). Empty for any other URL."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+    except ValueError:
+        return []
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    out = []
+    for spec in getattr(ctx.options, "mode", []):
+        try:
+            mode = mode_specs.ProxyMode.parse(spec)
+        except ValueError:
+            continue
+        if isinstance(mode, mode_specs.ReverseMode) and mode.listen_port(ctx.options.listen_port) == port:
+            host, origin_port = mode.address
+            netloc = f"[{host}]:{origin_port}" if ":" in host else f"{host}:{origin_port}"
+            host_header = parts.netloc.rpartition("@")[2] if getattr(ctx.options, "keep_host_header", False) else None
+            out.append((f"{mode.scheme}://{netloc}{path}", host_header))
+    return out

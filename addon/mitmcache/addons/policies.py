@@ -12,7 +12,7 @@ from mitmproxy import command, connection, ctx, exceptions, flowfilter, http
 from ..messages import Headers
 from ..policy import Policy, PolicyError, PolicySet, parse_rule
 from ..service import CacheService
-from .config import report_option_errors
+from .config import origin_urls, report_option_errors
 
 log = logging.getLogger("mitmcache")
 
@@ -88,14 +88,19 @@ class Policies:
 
     @command.command("cache.policy.explain")
     def explain(self, url: str, *headers: str) -> str:
-        """The rule that matches a GET for ``url`` (with request headers given as
-        ``name=value``), the key it gets, and the effective TTL/SWR/SIE in seconds, as JSON."""
+        """The rule that matches a GET for ``url`` (the origin's, or in reverse mode the one
+        the client used; request headers given as ``name=value``), the key it gets, and the
+        effective TTL/SWR/SIE in seconds, as JSON."""
         request_headers = _header_args(headers)
         keys = self.service.keys
         if keys.for_url(url) is None:
             raise exceptions.CommandError(f"not an absolute http(s) URL: {url!r}")
+        view: dict[str, object] = {"url": url}
+        mapped = origin_urls(url)  # the URL a client of a reverse listener used → the origin's
+        if mapped:
+            url = view["origin_url"] = mapped[0][0]
         policy = self.for_url(url, request_headers)
-        view: dict[str, object] = {"url": url, "key": keys.for_url(url, policy, request_headers)}
+        view["key"] = keys.for_url(url, policy, request_headers)
         if policy is None:
             view["rule"] = None
             view["effective"] = "RFC 9111: what the response headers say"
