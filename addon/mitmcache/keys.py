@@ -97,9 +97,12 @@ class KeyBuilder:
             req.scheme, req.host, req.port, req.path, req.host_header, req.policy, req.headers, req.authority
         )
 
-    def for_url(self, url: str, policy: Policy | None = None, request_headers: sem.HeaderList = ()) -> str | None:
+    def for_url(
+        self, url: str, policy: Policy | None = None, request_headers: sem.HeaderList = (), host_header: str | None = None
+    ) -> str | None:
         """Key of an absolute http(s) URL (invalidation targets, purge) under ``policy`` (its
-        key_headers values taken from ``request_headers``), or None if it is not one."""
+        key_headers values taken from ``request_headers``; ``host_header``: the Host the origin
+        sees, when another than the URL's), or None if it is not one."""
         try:
             parts = urlsplit(url)
             port = parts.port
@@ -110,4 +113,4 @@ class KeyBuilder:
         path = parts.path or "/"
         if parts.query:
             path += "?" + parts.query
-        return self.build(parts.scheme, parts.hostname, port, path, None, policy, request_headers)
+        return self.build(parts.scheme, parts.hostname, port, path, host_header, policy, request_headers)

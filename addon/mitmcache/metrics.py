@@ -30,7 +30,7 @@ BAD_INPUT_KINDS = ("cache-control", "date", "expires", "last-modified", "age", "
 # Every Cache-Status reason for not storing (NotStorable), plus the addon's own "no-freshness"
 # (an entry whose retention already ended) and "too-large-for-l1".
 NOT_STORED_REASONS = tuple(dict.fromkeys([*(r.value for r in NotStorable), "no-freshness", "too-large-for-l1"]))
-VALKEY_OPS = ("get", "set", "delete", "lease", "release", "poll")
+VALKEY_OPS = ("get", "set", "delete", "lease", "release", "poll", "index")
 RING_STATES = ("up", "down")
 
 

@@ -63,6 +63,7 @@ class Exchange:
     outcome: Outcome
     directives: sem.RequestDirectives
     resource: Resource | None = None  # what the lookup found (the URL's variants)
+    stored: StoredResponse | None = None  # of those, the one selected for this request (§4.1)
     revalidating: StoredResponse | None = None  # the stale entry a forwarded request validates
     reply: Response | None = None  # set when the cache answers itself
     # Conditional fields the forwarded request carries instead of the client's (§4.3.1).
@@ -130,6 +131,7 @@ class Pipeline:
             if newer is not None:
                 lookup = newer
                 entry = sem.select_variant(lookup.resource.variants, req.headers)
+        ex.stored = entry
         if lookup is not None:
             ex.resource = lookup.resource
             outcome.tier = lookup.tier
@@ -223,9 +225,9 @@ class Pipeline:
         stored, or from the fetch just waited for): a request for one variant never waits
         behind another variant's fetch."""
         service = self.service
-        names = _vary_names(ex.resource)
+        names = sem.stored_vary_names(ex.resource.variants) if ex.resource else ()
         for _ in range(3):
-            variant = _variant(names, ex.request.headers)
+            variant = sem.variant_id(names, ex.request.headers)
             flight_key = ex.key + variant
             flight = service.coalescer.current(flight_key)
             if flight is None:
@@ -253,7 +255,7 @@ class Pipeline:
                 return False
             entry = sem.select_variant(resource.variants, ex.request.headers)
             if entry is None:
-                names = _vary_names(resource)  # another variant was fetched: ours is keyed apart now
+                names = sem.stored_vary_names(resource.variants)  # another variant was fetched: ours is keyed apart now
                 continue
             return self._serve_collapsed(ex, entry, result, None)
         return False
@@ -285,18 +287,21 @@ class Pipeline:
     def _origin_timed_out(self, ex: Exchange) -> None:
         """The fetch this request waited for outlived cache_origin_timeout_ms: the stale entry
         when stale-if-error allows it (RFC 5861 §4), else 504 (RFC 9110 §15.6.5)."""
-        now, outcome = time.time(), ex.outcome
-        stale = sem.select_variant(ex.resource.variants, ex.request.headers) if ex.resource else None
+        now, outcome, stale = time.time(), ex.outcome, ex.stored
         outcome.status.detail.append("origin-timeout")
         if stale is not None and sem.may_serve_stale_if_error(stale, ex.directives, now):
             outcome.status.fwd = "stale"
-            outcome.status.detail.append("stale-if-error")
-            outcome.stale_if_error = True
-            self._serve(ex, stale, now, STALE, "stale", hit=False)
+            self._serve_stale_if_error(ex, stale, now)
             return
         ex.reply = responses.gateway_timeout(now)
         outcome.why = WHY["origin-timeout"]
         outcome.label, outcome.result = MISS, "miss"
+
+    def _serve_stale_if_error(self, ex: Exchange, stale: StoredResponse, now: float) -> None:
+        """RFC 5861 §4: the origin failed (or took too long); answer with the stale entry."""
+        ex.outcome.status.detail.append("stale-if-error")
+        ex.outcome.stale_if_error = True
+        self._serve(ex, stale, now, STALE, "stale", hit=False)
 
     def _serve_collapsed(self, ex: Exchange, entry: StoredResponse, result: FlightResult, detail: str | None) -> bool:
         """Answer from another request's fetch (``entry``: this request's variant of it)."""
@@ -305,9 +310,9 @@ class Pipeline:
             if not sem.may_serve_stale_if_error(entry, ex.directives, now):
                 return False
             status.fwd = "stale"
-            status.detail += [d for d in (detail, "stale-if-error") if d]
-            ex.outcome.stale_if_error = True
-            self._serve(ex, entry, now, STALE, "stale", hit=False)
+            if detail:
+                status.detail.append(detail)
+            self._serve_stale_if_error(ex, entry, now)
             return True
         if sem.decide(entry, ex.directives, now).use is not sem.Use.FRESH:
             return False  # e.g. no-cache: every use needs its own validation
@@ -357,9 +362,7 @@ class Pipeline:
                 await self._finish(ex, FlightResult.NOT_SHAREABLE)
             return
         if result.outcome == "error" and sem.may_serve_stale_if_error(stale, ex.directives, now):
-            outcome.status.detail.append("stale-if-error")
-            outcome.stale_if_error = True
-            self._serve(ex, stale, now, STALE, "stale", hit=False)
+            self._serve_stale_if_error(ex, stale, now)
             await self._finish(ex, FlightResult.STALE_IF_ERROR, ex.resource)
             return
         # Hand the origin's own answer to the client (not stored), or a 502 if there was none.
@@ -405,7 +408,7 @@ class Pipeline:
         state = on_response(req.method, req.url, ex.revalidating, resp.status, resp.headers)
         replacement: Response | None = None
         match state:
-            case Bypass() | Ignore():
+            case Ignore():
                 return None
             case Invalidate(urls=urls):
                 # Each URL keyed as a GET for it would be: under the rule that matches it.
@@ -444,12 +447,12 @@ class Pipeline:
             case _:
                 assert_never(state)
 
-        if req.method == "HEAD" and resp.status == 200 and ex.resource is not None and not ex.bypass:
+        if req.method == "HEAD" and resp.status == 200 and not ex.bypass:
             await self._freshen_from_head(ex, resp, now)
         outcome.status.fwd = outcome.status.fwd or "uri-miss"
         outcome.status.fwd_status = resp.status
         resource = None
-        if req.method == "GET" and resp.status >= 500 and (ex.revalidating is not None or self._has_stored(ex)):
+        if req.method == "GET" and resp.status >= 500 and ex.stored is not None:
             # §4.3.3: the cache may act as if the origin had not answered: the stored response
             # stays (a 5xx never replaces it, whatever freshness it claims).
             outcome.status.detail.append("kept-stored")
@@ -472,12 +475,6 @@ class Pipeline:
             return ex.reply
         return replacement
 
-    @staticmethod
-    def _has_stored(ex: Exchange) -> bool:
-        """Is a response stored for this request's variant (a Range or no-cache request that
-        went upstream past it, for instance)?"""
-        return ex.resource is not None and sem.select_variant(ex.resource.variants, ex.request.headers) is not None
-
     async def _refetch_unconditionally(self, ex: Exchange) -> tuple[Response | None, str | None]:
         """Ask the origin again without validators, with the cache's own client."""
         client = self.service.revalidator.client
@@ -490,20 +487,15 @@ class Pipeline:
             return None, str(e)
 
     async def _freshen_from_head(self, ex: Exchange, resp: Response, now: float) -> None:
-        """A forwarded HEAD's 200 updates (or marks stale) the stored GET response (§4.3.5)."""
-        assert ex.resource is not None
-        entry = sem.select_variant(ex.resource.variants, ex.request.headers)
-        if entry is None:
+        """A forwarded HEAD's 200 updates (or marks stale) the stored GET response (§4.3.5),
+        through the one store path."""
+        if ex.stored is None:
             return
-        settings = self.service.settings
-        updated = sem.freshen_with_head(
-            entry, resp.headers, resp.request_time, resp.response_time or now, settings.heuristic_cap, settings.targets
+        admission = await self.service.admit(
+            ex.key, "HEAD", ex.request.headers, resp, ex.resource, now, revalidated=ex.stored, policy=ex.request.policy
         )
-        if ex.request.policy is not None:
-            updated = ex.request.policy.apply(updated, settings.targets)
-        if await self.service.freshen(ex.key, updated, ex.resource, now) is not None:
-            ex.outcome.status.detail.append("head-freshened" if updated.freshness else "head-marked-stale")
-
+        if admission.resource is not None and admission.entry is not None:
+            ex.outcome.status.detail.append("head-freshened" if admission.entry.freshness else "head-marked-stale")
 
 def _target(req: Request) -> bytes:
     """The request target as it went upstream (mitmproxy decoded it with surrogateescape):
@@ -525,14 +517,3 @@ def _add_cookies(ex: Exchange, origin: Response | None) -> None:
     if cookies:
         ex.reply = dataclasses.replace(ex.reply, headers=ex.reply.headers + cookies)
 
-
-def _vary_names(resource: Resource | None) -> tuple[str, ...]:
-    """The request fields the stored responses of a URL vary on (RFC 9111 §4.1)."""
-    if resource is None:
-        return ()
-    return tuple(sorted({name for v in resource.variants for name, _ in v.vary}))
-
-
-def _variant(names: tuple[str, ...], headers: sem.HeaderList) -> str:
-    """The request's values of ``names``, normalised as Vary compares them ("" without names)."""
-    return "\nvary:" + repr(sem.request_vary_values(names, headers)) if names else ""

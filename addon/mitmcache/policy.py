@@ -102,11 +102,6 @@ class Policy:
 
     # ------------------------------------------------------------------ the key
 
-    @property
-    def shapes_key(self) -> bool:
-        return bool(self.key_headers or self.key_cookies or self.ignore_params or self.keep_params is not None
-                    or self.sort_params)
-
     def key_path(self, path: str) -> str:
         """The query normalised for the key (ignore_params, keep_params, sort_params); the
         origin still gets the request as the client sent it."""

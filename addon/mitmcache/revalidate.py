@@ -131,7 +131,9 @@ class Revalidator:
             metrics.revalidations.labels("skipped").inc()
             return Result("skipped", None)
         token = uuid.uuid4().hex
-        lease = await store.acquire_lease(job.key, token, self.service.settings.lease_ms)
+        # The same lease a foreground fill of this variant takes (one per Vary variant).
+        variant = sem.variant_id(sem.stored_vary_names(lookup.resource.variants), job.request_headers) if lookup else ""
+        lease = await store.acquire_lease(job.key, token, self.service.settings.lease_ms, variant)
         if lease is Lease.HELD:  # another proxy is refreshing it right now
             metrics.revalidations.labels("skipped").inc()
             return Result("skipped", None)
@@ -140,7 +142,7 @@ class Revalidator:
             return await self.refresh(job, base=lookup.resource if lookup else None)
         finally:
             if lease is Lease.ACQUIRED:
-                await store.release_lease(job.key, token)
+                await store.release_lease(job.key, token, variant)
 
     # ------------------------------------------------------------------ one revalidation
 

@@ -364,6 +364,17 @@ def request_vary_values(names: Sequence[str], request_headers: HeaderList) -> tu
     return tuple((n, normalize_vary_value(n, header_values(request_headers, n))) for n in names)
 
 
+def stored_vary_names(entries: Iterable[StoredResponse]) -> tuple[str, ...]:
+    """The request fields a URL's stored responses vary on (RFC 9111 §4.1), sorted."""
+    return tuple(sorted({name for entry in entries for name, _ in entry.vary}))
+
+
+def variant_id(names: Sequence[str], request_headers: HeaderList) -> str:
+    """The request's values of ``names``, normalised as Vary compares them ("" without names):
+    what one fetch (coalescing, fill lease) of one variant is keyed by."""
+    return "\nvary:" + repr(request_vary_values(names, request_headers)) if names else ""
+
+
 # --------------------------------------------------------------------------- cache key
 
 

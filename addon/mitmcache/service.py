@@ -2,8 +2,9 @@
 builder and the observers, with no mitmproxy imports. Addons configure it; the pipeline and
 the revalidator work through it.
 
-``admit`` is the one path by which an origin's answer enters the store (the response hook,
-background revalidation, stale-if-error, and replay warm-up all call it).
+``admit`` is the one path by which an origin's answer enters the store (the response hook, 304
+merges, HEAD freshening, background revalidation, stale-if-error, and later replay warm-up all
+call it).
 """
 
 from __future__ import annotations
@@ -86,9 +87,12 @@ class CacheService:
         """Store an origin's answer to ``method key`` if RFC 9111 (and the operator's rule)
         allows it.
 
-        ``revalidated`` is the stored response a 304 answers (§4.3.4: merged per §3.2, then
-        stored); otherwise the answer is checked for storability (§3) and stored next to the
-        URL's other variants in ``base`` (what the request saw; None: what L1 holds).
+        ``revalidated`` is the stored response a 304 answers (§4.3.4: merged per §3.2), or that
+        a forwarded HEAD's 200 describes (§4.3.5: merged, or marked stale when it disagrees);
+        a merged entry is re-checked (a merge never lets private, no-store or Vary: * in) and
+        dropped when nothing may be kept. Otherwise the answer is checked for storability (§3)
+        and stored next to the URL's other variants in ``base`` (what the request saw; None:
+        what L1 holds).
         ``policy`` (``cache_policy``) is judged before the spec: its overrides hide upstream
         prohibitions from the storability check, and its freshness replaces the derived one;
         the stored headers stay the origin's (less Set-Cookie with ``override=set-cookie``).
@@ -96,8 +100,11 @@ class CacheService:
         settings = self.settings
         for kind in sem.malformed_fields(response.headers):
             self.bad_input(kind, f"{sem.header_get(response.headers, kind)!r} for {key!r}")
-        if revalidated is not None and response.status == 304:
-            entry = sem.merge_304(
+        merged = revalidated is not None and (response.status == 304 or method == "HEAD")
+        if merged:
+            assert revalidated is not None
+            merge = sem.freshen_with_head if method == "HEAD" else sem.merge_304
+            entry = merge(
                 revalidated, response.headers, response.request_time, response.response_time,
                 settings.heuristic_cap, settings.targets,
             )
@@ -132,6 +139,8 @@ class CacheService:
         if policy is not None:
             entry = policy.apply(entry, settings.targets)
         if entry.retain_until() <= now:
+            if merged:  # the stored response no longer describes the resource, and cannot stay
+                await self.invalidate([key])
             return Admission(None, None, sem.NotStorable.NOT_CACHEABLE.value)
         url_key = self.keys.base(key)
         resource = await self.store.put(
@@ -141,14 +150,6 @@ class CacheService:
         if resource is None:
             return Admission(entry, None, "too-large-for-l1")
         return Admission(entry, resource)
-
-    async def freshen(self, key: str, entry: StoredResponse, base: Resource | None, now: float) -> Resource | None:
-        """Store an entry updated in place (§4.3.5 HEAD freshening) next to its variants; one
-        that a merge made unstorable (private, no-store, Vary: *) is dropped instead."""
-        if sem.merged_storability(entry, self.settings.targets) is not None:
-            await self.invalidate([key])
-            return None
-        return await self.store.put(key, entry, now, base=base)
 
     async def invalidate(self, keys: list[str]) -> int:
         """Drop every variant of ``keys`` from L1 and L2 (§4.4, purge), and every key that

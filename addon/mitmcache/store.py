@@ -24,13 +24,13 @@ import random
 import time
 from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol
+from typing import Any, Protocol
 
 from . import codec
 from .l1 import ByteLRU
 from .metrics import Metrics
 from .semantics import StoredResponse
-from .valkey_tier import L2Error, ValkeyTier
+from .valkey_tier import L2Error
 
 log = logging.getLogger("mitmcache")
 
@@ -80,7 +80,7 @@ class SharedTier(Protocol):
     Every method raises ``L2Error`` when the tier cannot answer (callers fall back to L1).
     """
 
-    def node_for(self, cache_key: str) -> object: ...
+    def node_for(self, cache_key: str) -> Any: ...  # has .name: the node's URL (no credentials)
 
     async def get(self, cache_key: str) -> bytes | None: ...
 
@@ -100,6 +100,8 @@ class SharedTier(Protocol):
 
     async def clear(self) -> int: ...
 
+    async def check(self) -> dict[str, str | None]: ...
+
     async def close(self) -> None: ...
 
     def members(self) -> dict[str, bool]: ...
@@ -112,7 +114,7 @@ class TieredStore:
     def __init__(self, metrics: Metrics, l1_max_bytes: int, l1_ttl: float = 60.0) -> None:
         self.metrics = metrics
         self.l1_ttl = l1_ttl
-        self._l2: ValkeyTier | None = None
+        self._l2: SharedTier | None = None
         # URL key → keys that also hold request values (key_headers): what invalidation reaches.
         self._indexes: dict[str, set[str]] = {}
         self._l1: ByteLRU[Resource] = ByteLRU(
@@ -131,13 +133,13 @@ class TieredStore:
         """Near-cache bound: how long an L1 copy of an L2 entry may live (0: L1 only as fallback)."""
         self.l1_ttl = seconds
 
-    def attach_l2(self, tier: ValkeyTier | None) -> ValkeyTier | None:
+    def attach_l2(self, tier: SharedTier | None) -> SharedTier | None:
         """Use ``tier`` as L2 (None: L1 only); returns the previous tier for the caller to close."""
         old, self._l2 = self._l2, tier
         return old
 
     @property
-    def l2(self) -> ValkeyTier | None:
+    def l2(self) -> SharedTier | None:
         return self._l2
 
     @property
@@ -315,11 +317,9 @@ class TieredStore:
 
     async def expand(self, keys: list[str]) -> list[str]:
         """``keys`` plus every key recorded under them (``put(index=…)``), indexes dropped."""
-        out = list(keys)
+        out = self.expand_l1(keys)
         for key in keys:
-            for member in self._indexes.pop(key, ()):
-                if member not in out:
-                    out.append(member)
+            self._indexes.pop(key, None)
             if self._l2 is not None:
                 try:
                     members = await self._l2.index_pop(key)

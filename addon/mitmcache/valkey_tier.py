@@ -134,9 +134,9 @@ class ValkeyTier:
         await self._run(node, "set", lambda: node.client.set(key, value, px=ttl_ms), timeout)
 
     def _index_key(self, base: str) -> tuple[Node, str]:
-        digest = xxhash.xxh3_128_hexdigest(base.encode("utf-8", "surrogateescape"))
-        value_key = f"{self.prefix}:r1:{digest}"
-        return self.nodes[self.ring.owner(value_key.encode())], f"{self.prefix}:idx:{digest}"
+        """The index set of a URL: on the URL's node, named by the same digest."""
+        node, value_key, _ = self._place(base)
+        return node, f"{self.prefix}:idx:{value_key.rpartition(':')[2]}"
 
     async def index_add(self, base: str, cache_key: str, ttl_ms: int) -> None:
         """Remember that ``cache_key`` (a URL keyed with request values: key_headers) belongs

@@ -32,8 +32,8 @@ DOCUMENTED = (
         for v in ("no-store", "request-no-store", "private", "authorization", "set-cookie", "vary-star",
                   "too-large", "no-freshness", "method", "status", "incomplete", "too-large-for-l1")
     ]
-    + [f'mitmcache_valkey_op_seconds_count{{op="{v}"}}' for v in ("get", "set", "delete", "lease", "release", "poll")]
-    + [f'mitmcache_valkey_op_seconds_sum{{op="{v}"}}' for v in ("get", "set", "delete", "lease", "release", "poll")]
+    + [f'mitmcache_valkey_op_seconds_count{{op="{v}"}}' for v in ("get", "set", "delete", "lease", "release", "poll", "index")]
+    + [f'mitmcache_valkey_op_seconds_sum{{op="{v}"}}' for v in ("get", "set", "delete", "lease", "release", "poll", "index")]
     + [f'mitmcache_ring_members{{state="{v}"}}' for v in ("up", "down")]
 )
 
@@ -56,7 +56,7 @@ def test_label_tuples_are_the_documented_ones() -> None:
     assert m.BAD_INPUT_KINDS == ("cache-control", "date", "expires", "last-modified", "age", "valkey-value", "304-mismatch")
     assert set(m.NOT_STORED_REASONS) == {r.value for r in NotStorable} | {"no-freshness", "too-large-for-l1"}
     assert len(m.NOT_STORED_REASONS) == len(set(m.NOT_STORED_REASONS))
-    assert m.VALKEY_OPS == ("get", "set", "delete", "lease", "release", "poll")
+    assert m.VALKEY_OPS == ("get", "set", "delete", "lease", "release", "poll", "index")
     assert m.RING_STATES == ("up", "down")
 
 

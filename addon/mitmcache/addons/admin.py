@@ -9,7 +9,6 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from urllib.parse import urlsplit
 
 from mitmproxy import command, ctx, exceptions, flow, http
 
@@ -93,11 +92,8 @@ class Admin:
             raise exceptions.CommandError(f"not an absolute http(s) URL: {url!r}")
         out: list[str] = []
         for origin_url, host_header in origin_urls(url):
-            parts = urlsplit(origin_url)
-            path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-            policy = service.policy_for_url(origin_url, ())
-            origin_key = keys.build(parts.scheme, parts.hostname or "", parts.port, path, host_header, policy)
-            if origin_key not in out:
+            origin_key = keys.for_url(origin_url, service.policy_for_url(origin_url, ()), (), host_header)
+            if origin_key is not None and origin_key not in out:
                 out.append(origin_key)
         if key not in out and (include_given or not out):
             out.append(key)
@@ -144,8 +140,7 @@ class Admin:
         keys = list(dict.fromkeys(service.keys.base(k) for k in self._keys(url)))
         store = service.store
         removed = store.delete_l1(store.expand_l1(keys))  # now, so this proxy's next request misses
-        spawn(store.delete(keys), "purge")  # L2 too, with the keys its index records (key_headers)
-        service.metrics.invalidations.inc(len(keys))
+        spawn(service.invalidate(keys), "purge")  # L2 too, with the keys its index records (key_headers)
         return removed
 
     @command.command("cache.explain")
