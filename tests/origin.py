@@ -12,6 +12,8 @@ can tell exactly what reached the origin. Parameters:
   delay=MS     wait before answering        no304=1       ignore conditionals
   hdr=N: v|…   raw extra header fields (replacing Date if one is given)
   nodate=1     no Date field at all        wetag=…       weak ETag W/"…"
+  barrier=N    from the second request for the path+query on, hold each until N of them are in
+               (at most 5 s; a broken barrier answers 504): proves requests ran concurrently
   echo=N,…     append " N=<request field N>" for each named request field to the body
   h304=N: v|…  fields of 304 answers (replacing ours of the same name)
   hhead=N: v|… fields of HEAD answers (replacing ours of the same name)
@@ -63,6 +65,7 @@ class Origin:
     extra: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # path → fields replacing ours
     seen: list[Seen] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    barriers: dict[str, threading.Barrier] = field(default_factory=dict)  # path+query → barrier=N
 
     @property
     def port(self) -> int:
@@ -127,6 +130,13 @@ class _Handler(BaseHTTPRequestHandler):
             q["cc"] = q["then_cc"]
         if "delay" in q:
             time.sleep(int(q["delay"]) / 1000)
+        if n > 1 and "barrier" in q:
+            with origin.lock:
+                barrier = origin.barriers.setdefault(self.path, threading.Barrier(int(q["barrier"])))
+            try:
+                barrier.wait(timeout=5.0)
+            except threading.BrokenBarrierError:
+                q["status"], q["cc"] = "504", "no-store"
         now = time.time()
         date = now - int(q.get("date", 0))
         status = origin.failing.get(urlsplit(self.path).path, int(q.get("status", 200)))

@@ -3,6 +3,11 @@
     b"MCR" version:u8=2 count:u16 key:16 bytes checksum:u64
     { meta_len:u32 meta:JSON body_len:u32 body:bytes }*count
 
+A hit-for-pass marker (``store.HitForPass``) lives under the same key, so the one L2 read a
+lookup makes finds either:
+
+    b"MCP" version:u8=1 key:16 bytes until:f64 (epoch seconds) reason:ASCII (≤ 32 bytes)
+
 ``key`` is the xxh3-128 digest of the cache key the value was written for, and ``checksum`` the
 xxh3-64 of everything after the header: a value copied under another key, or bytes that changed
 and still decode, is refused. JSON metadata is parsed with ``json.loads`` and every field is
@@ -16,7 +21,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
+from collections import OrderedDict
 from typing import Any
 
 import xxhash
@@ -25,6 +32,9 @@ from .semantics import StoredResponse
 
 MAGIC = b"MCR"
 VERSION = 2
+PASS_MAGIC = b"MCP"
+PASS_VERSION = 1
+_PASS_HEAD = struct.Struct(">3sB16sd")
 _HEAD = struct.Struct(">3sBH16sQ")
 _LEN = struct.Struct(">I")
 
@@ -157,3 +167,63 @@ def decode(data: bytes, key: str) -> tuple[StoredResponse, ...]:
     if offset != len(view):
         raise DecodeError("trailing bytes after the last variant")
     return tuple(variants)
+
+
+class DecodeMemo:
+    """Values decoded recently, by header (format, variant count, key digest, checksum): an L2
+    hit on bytes already decoded costs one checksum of the payload instead of a JSON parse and
+    type checks per variant (issue 12, "a cheaper L2 hit"). A value that changed in any byte
+    fails the checksum and is decoded afresh, so this holds nothing L2 does not. Bounded by
+    ``max_bytes`` of encoded values; values above 1/16 of it are never kept."""
+
+    def __init__(self, max_bytes: int = 16 << 20) -> None:
+        self.max_bytes = max_bytes
+        self._bytes = 0
+        self._items: OrderedDict[bytes, tuple[str, int, tuple[StoredResponse, ...]]] = OrderedDict()
+
+    def decode(self, data: bytes, key: str) -> tuple[StoredResponse, ...]:
+        """``decode(data, key)``, from memory when these exact bytes were decoded for ``key``.
+        Raises DecodeError like ``decode``."""
+        head = bytes(data[: _HEAD.size])
+        known = self._items.get(head)
+        if known is not None and known[0] == key and known[1] == len(data):
+            (checksum,) = struct.unpack_from(">Q", head, _HEAD.size - 8)
+            if xxhash.xxh3_64_intdigest(memoryview(data)[_HEAD.size :]) == checksum:
+                self._items.move_to_end(head)
+                return known[2]
+        variants = decode(data, key)
+        if len(data) <= self.max_bytes // 16:
+            old = self._items.pop(head, None)
+            if old is not None:
+                self._bytes -= old[1]
+            self._items[head] = (key, len(data), variants)
+            self._bytes += len(data)
+            while self._bytes > self.max_bytes:
+                _, (_, size, _) = self._items.popitem(last=False)
+                self._bytes -= size
+        return variants
+
+
+def is_pass_marker(data: bytes) -> bool:
+    return data[:3] == PASS_MAGIC
+
+
+def encode_pass(key: str, until: float, reason: str) -> bytes:
+    """The hit-for-pass marker of ``key``: pass until ``until`` (epoch seconds) because of
+    ``reason`` (a Cache-Status not-stored detail)."""
+    return _PASS_HEAD.pack(PASS_MAGIC, PASS_VERSION, key_digest(key), until) + reason.encode("ascii")[:32]
+
+
+def decode_pass(data: bytes, key: str) -> tuple[float, str]:
+    """(until, reason) of a marker written for ``key``. Raises DecodeError for anything else."""
+    if len(data) < _PASS_HEAD.size or len(data) > _PASS_HEAD.size + 32:
+        raise DecodeError("malformed hit-for-pass marker")
+    magic, version, digest, until = _PASS_HEAD.unpack_from(data, 0)
+    if magic != PASS_MAGIC or version != PASS_VERSION:
+        raise DecodeError("not a hit-for-pass marker")
+    if digest != key_digest(key):
+        raise DecodeError("value written for another key")
+    reason = data[_PASS_HEAD.size :]
+    if not math.isfinite(until) or not re.fullmatch(rb"[a-z0-9-]*", reason):
+        raise DecodeError("malformed hit-for-pass marker")
+    return until, reason.decode("ascii")

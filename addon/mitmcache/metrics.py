@@ -32,6 +32,7 @@ BAD_INPUT_KINDS = ("cache-control", "date", "expires", "last-modified", "age", "
 NOT_STORED_REASONS = tuple(dict.fromkeys([*(r.value for r in NotStorable), "no-freshness", "too-large-for-l1"]))
 VALKEY_OPS = ("get", "set", "delete", "lease", "release", "poll", "index")
 RING_STATES = ("up", "down")
+HIT_FOR_PASS_EVENTS = ("marked", "passed", "ended")
 
 
 class Metrics:
@@ -117,8 +118,16 @@ class Metrics:
         self.stale_if_error = Counter(
             "mitmcache_stale_if_error", "Stale responses served because the origin failed (RFC 5861 §4).", registry=r
         )
+        self.hit_for_pass = Counter(
+            "mitmcache_hit_for_pass",
+            "Hit-for-pass markers set (marked), requests sent straight upstream by one (passed), "
+            "markers ended by a storable answer (ended).",
+            ["event"],
+            registry=r,
+        )
         for metric, values in (
             (self.requests, REQUEST_RESULTS),
+            (self.hit_for_pass, HIT_FOR_PASS_EVENTS),
             (self.not_stored, NOT_STORED_REASONS),
             (self.revalidations, REVALIDATION_OUTCOMES),
             (self.stores, STORE_TIERS),

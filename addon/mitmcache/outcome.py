@@ -45,6 +45,11 @@ WHY = {
     "incomplete": "the body was not read whole (streamed)",
     "policy": "an operator rule (cache_policy) says not to store it: no_store, bypass, or a zero ttl/error_ttl",
     "bypass": "an operator rule (cache_policy) says bypass: the cache does not handle this request",
+    "hit-for-pass": (
+        "hit-for-pass: this URL's last answer could not be stored or shared, so it goes straight to "
+        "the origin (no lookup, no waiting for another request) until the marker expires or an "
+        "answer can be stored"
+    ),
 }
 
 

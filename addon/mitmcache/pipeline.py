@@ -34,6 +34,7 @@ from .states import (
     GatewayTimeout,
     Ignore,
     Invalidate,
+    Pass,
     Refetch,
     Renew,
     Revalidate,
@@ -43,7 +44,7 @@ from .states import (
     on_lookup,
     on_response,
 )
-from .store import Lease, Resource
+from .store import HitForPass, Lease, Lookup, Resource
 
 if TYPE_CHECKING:
     from .service import CacheService
@@ -77,6 +78,7 @@ class Exchange:
     flight_key: str = ""  # the coalescing key: the cache key plus the Vary'd request values
     variant: str = ""  # the Vary'd request values when the URL's Vary names are known
     lease_token: str | None = None  # set while this request holds the key's fill lease
+    passing: bool = False  # sent upstream by a hit-for-pass marker
     completed: bool = False
 
 
@@ -119,16 +121,17 @@ class Pipeline:
         store, req, outcome = self.service.store, ex.request, ex.outcome
         now = time.time()
         l1_ttl = req.policy.l1_ttl if req.policy is not None else None
-        lookup = await store.get(ex.key, now, l1_ttl=l1_ttl)
-        if store.has_l2 and (lookup is None or lookup.tier == "l2"):
+        found = await store.get(ex.key, now, l1_ttl=l1_ttl)
+        if store.has_l2 and (found is None or found.tier == "l2"):
             outcome.time("cache.l2_lookup", now)
+        lookup = found if isinstance(found, Lookup) else None
         entry = sem.select_variant(lookup.resource.variants, req.headers) if lookup else None
         if lookup is not None and lookup.tier == "l1" and store.has_l2 and entry is not None and not entry.is_fresh(now):
             # A stale near-cache copy: L2 may hold a newer one (another proxy refreshed it).
             start = time.time()
             newer = await store.get(ex.key, now, skip_l1=True, l1_ttl=l1_ttl)
             outcome.time("cache.l2_lookup", start)
-            if newer is not None:
+            if isinstance(newer, Lookup):
                 lookup = newer
                 entry = sem.select_variant(lookup.resource.variants, req.headers)
         ex.stored = entry
@@ -136,7 +139,8 @@ class Pipeline:
             ex.resource = lookup.resource
             outcome.tier = lookup.tier
             outcome.status.detail.append(lookup.tier)
-        state = on_lookup(req.method, lookup is not None, entry, ex.directives, now)
+        passing = isinstance(found, HitForPass)
+        state = on_lookup(req.method, lookup is not None, entry, ex.directives, now, passing)
         match state:
             case ServeFresh(entry=fresh):
                 self._serve(ex, fresh, now, HIT, "hit")
@@ -162,6 +166,14 @@ class Pipeline:
                 outcome.status.fwd = fwd
                 outcome.why = WHY[fwd]
                 await self._go_upstream(ex, None)
+            case Pass(fwd=fwd):
+                assert isinstance(found, HitForPass)
+                outcome.status.fwd = fwd
+                outcome.status.detail.append("hit-for-pass")
+                outcome.tier = found.tier
+                outcome.why = f"{WHY['hit-for-pass']} ({found.reason}: {WHY.get(found.reason, found.reason)})"
+                ex.passing = True
+                self.service.metrics.hit_for_pass.labels("passed").inc()
             case Revalidate(entry=stale, fwd=fwd, reason=reason):
                 outcome.status.fwd = fwd
                 outcome.why = WHY.get(reason, WHY["stale"])
@@ -467,6 +479,8 @@ class Pipeline:
             elif admission.reason:
                 outcome.status.detail.append(admission.reason)
                 outcome.not_stored = admission.reason
+            if resource is not None and ex.passing:
+                service.metrics.hit_for_pass.labels("ended").inc()
         await self._finish(ex, FlightResult.STORED if resource else FlightResult.NOT_SHAREABLE, resource)
         outcome.label, outcome.result = MISS, "miss"
         if ex.strip_conditionals and outcome.entry is not None and resource is not None:

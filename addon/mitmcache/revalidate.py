@@ -25,7 +25,7 @@ from .origin_client import OriginClient, OriginError
 from .outcome import Outcome, Revalidation
 from .policy import Policy
 from .semantics import StoredResponse
-from .store import Lease, Resource
+from .store import Lease, Lookup, Resource
 
 if TYPE_CHECKING:
     from .service import CacheService
@@ -125,7 +125,8 @@ class Revalidator:
         store, metrics = self.service.store, self.service.metrics
         # Someone may have refreshed it since it was queued (another request, another proxy).
         now = time.time()
-        lookup = (await store.get(job.key, now, skip_l1=True)) or (await store.get(job.key, now))
+        found = (await store.get(job.key, now, skip_l1=True)) or (await store.get(job.key, now))
+        lookup = found if isinstance(found, Lookup) else None  # a hit-for-pass marker: nothing stored
         current = sem.select_variant(lookup.resource.variants, job.request_headers) if lookup else None
         if current is not None and current.is_fresh(now):
             metrics.revalidations.labels("skipped").inc()

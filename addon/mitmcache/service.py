@@ -25,11 +25,20 @@ from .pipeline import Pipeline
 from .policy import Policy, PolicySet
 from .revalidate import Revalidator
 from .semantics import StoredResponse
-from .store import Resource, TieredStore
+from .store import HitForPass, Resource, TieredStore
 
 log = logging.getLogger("mitmcache")
 
 BAD_INPUT_LOG_INTERVAL = 60.0  # seconds between two log lines of one kind of bad input
+
+# Why an answer makes its URL hit-for-pass: what the origin says of the URL itself. Reasons
+# that depend on the request (its no-store, its Authorization) or on the origin's health (a
+# 5xx status) do not: the next request may well get a storable answer.
+PASS_REASONS = frozenset({
+    sem.NotStorable.NO_STORE, sem.NotStorable.PRIVATE, sem.NotStorable.SET_COOKIE, sem.NotStorable.VARY_STAR,
+    sem.NotStorable.TOO_LARGE, sem.NotStorable.NOT_CACHEABLE, sem.NotStorable.POLICY,
+})
+MAX_PASS_SECONDS = 300.0  # the longest a marker lives, whatever max-age the answer names
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +50,7 @@ class Settings:
     coalesce_wait: float = 15.0  # seconds a request waits for another's fetch
     origin_timeout: float = 10.0  # seconds an origin may take; waiters give up on a fetch after it
     lease_ms: int = 5000  # milliseconds a fill lease lives in Valkey
+    hit_for_pass: float = 10.0  # seconds a URL whose answer could not be stored is passed (0: never)
     # RFC 9213 target list: targeted fields that replace Cache-Control/Expires, in precedence order.
     targets: tuple[str, ...] = ("mitmcache-cache-control", sem.CDN_CACHE_CONTROL)
 
@@ -127,6 +137,8 @@ class CacheService:
                     reason = None  # each credential gets its own entry (the key holds it)
                 reason = policy.storability(response.status, reason)
             if reason is not None:
+                if base is None:
+                    await self._mark_pass(key, response, reason, now)
                 return Admission(None, None, reason.value)
             assert body is not None
             stored = response.headers
@@ -141,6 +153,8 @@ class CacheService:
         if entry.retain_until() <= now:
             if merged:  # the stored response no longer describes the resource, and cannot stay
                 await self.invalidate([key])
+            elif base is None:
+                await self._mark_pass(key, response, sem.NotStorable.NOT_CACHEABLE, now)
             return Admission(None, None, sem.NotStorable.NOT_CACHEABLE.value)
         url_key = self.keys.base(key)
         resource = await self.store.put(
@@ -150,6 +164,19 @@ class CacheService:
         if resource is None:
             return Admission(entry, None, "too-large-for-l1")
         return Admission(entry, resource)
+
+    async def _mark_pass(self, key: str, response: Response, reason: sem.NotStorable, now: float) -> None:
+        """Hit-for-pass (Varnish): a URL with nothing stored answered with something no one may
+        share; its next requests skip the lookup, the lease and coalescing for the answer's own
+        max-age, else ``hit_for_pass`` seconds (at most MAX_PASS_SECONDS). Callers pass only
+        URLs with nothing stored, so a marker never hides another variant. Not for reasons
+        that depend on the request or for a 5xx (a failing origin's next answer may be
+        storable, and coalescing is what protects it then)."""
+        if reason not in PASS_REASONS or response.status >= 500 or self.settings.hit_for_pass <= 0:
+            return
+        max_age = sem.ResponseDirectives.from_headers(response.headers, self.settings.targets).max_age
+        lifetime = min(float(max_age) if max_age else self.settings.hit_for_pass, MAX_PASS_SECONDS)
+        await self.store.mark_pass(key, HitForPass(now + lifetime, reason.value), now)
 
     async def invalidate(self, keys: list[str]) -> int:
         """Drop every variant of ``keys`` from L1 and L2 (§4.4, purge), and every key that

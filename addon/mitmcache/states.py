@@ -57,6 +57,15 @@ class Forward:
 
 
 @dataclass(frozen=True, slots=True)
+class Pass:
+    """Hit-for-pass (Varnish): the URL's last answer could not be stored or shared, so the
+    request goes upstream at once — no lease, no waiting for another request's fetch, whose
+    answer could not be shared with it anyway (RFC 9111 §4: a miss; §3: nothing to store)."""
+
+    fwd: str = "uri-miss"
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayTimeout:
     """RFC 9111 §5.2.1.7: only-if-cached and nothing usable: 504, the origin untouched."""
 
@@ -68,7 +77,7 @@ class Bypass:
     """Not GET/HEAD: neither looked up nor stored; its response may invalidate (§4.4)."""
 
 
-RequestState = ServeFresh | ServeStale | ServeWhileRevalidating | Revalidate | Forward | GatewayTimeout | Bypass
+RequestState = ServeFresh | ServeStale | ServeWhileRevalidating | Revalidate | Forward | Pass | GatewayTimeout | Bypass
 
 LOOKUP_METHODS = frozenset({"GET", "HEAD"})  # case-sensitive (RFC 9110 §9.1)
 
@@ -79,13 +88,17 @@ def on_lookup(
     entry: StoredResponse | None,
     directives: sem.RequestDirectives,
     now: float,
+    passing: bool = False,
 ) -> RequestState:
     """The request's next step given what the lookup found (``found``: any variant of the URL;
-    ``entry``: the one selected for this request, RFC 9111 §4.1)."""
+    ``entry``: the one selected for this request, RFC 9111 §4.1; ``passing``: a hit-for-pass
+    marker instead of an entry)."""
     if method not in LOOKUP_METHODS:
         return Bypass()
-    if entry is None:
-        state: Forward | Revalidate = Forward("vary-miss" if found else "uri-miss")
+    if passing:
+        state: Forward | Revalidate | Pass = Pass()
+    elif entry is None:
+        state = Forward("vary-miss" if found else "uri-miss")
     else:
         decision = sem.decide(entry, directives, now, allow_background_revalidation=True)
         if decision.use is Use.FRESH:

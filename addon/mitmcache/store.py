@@ -38,6 +38,8 @@ log = logging.getLogger("mitmcache")
 MAX_VARIANTS = 16
 # Keys remembered in L1 per URL for invalidation (L2's index is the complete one).
 MAX_INDEXED = 10000
+# Hit-for-pass markers L1 remembers (oldest dropped first; L2 keeps its own until they expire).
+MAX_PASSES = 65536
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +64,18 @@ class Resource:
 class Lookup:
     resource: Resource
     tier: str  # "l1" or "l2"
+
+
+@dataclass(frozen=True, slots=True)
+class HitForPass:
+    """Varnish's hit-for-pass: the key's last answer could not be stored or shared, so its
+    requests go straight upstream until ``until`` (epoch seconds) — no L2 read, no lease, no
+    waiting behind another request. ``reason``: the not-stored detail that set it. Stored under
+    the key itself in both tiers, so the first storable answer (``put``) replaces it."""
+
+    until: float
+    reason: str
+    tier: str = "l1"
 
 
 class Lease(Enum):
@@ -117,6 +131,8 @@ class TieredStore:
         self._l2: SharedTier | None = None
         # URL key → keys that also hold request values (key_headers): what invalidation reaches.
         self._indexes: dict[str, set[str]] = {}
+        self._passes: dict[str, HitForPass] = {}
+        self._decoded = codec.DecodeMemo()
         self._l1: ByteLRU[Resource] = ByteLRU(
             l1_max_bytes,
             on_evict=lambda n: metrics.lru_evictions.inc(n),
@@ -159,11 +175,19 @@ class TieredStore:
 
     # ------------------------------------------------------------------ read
 
-    async def get(self, key: str, now: float, skip_l1: bool = False, l1_ttl: float | None = None) -> Lookup | None:
+    async def get(
+        self, key: str, now: float, skip_l1: bool = False, l1_ttl: float | None = None
+    ) -> Lookup | HitForPass | None:
         """L1, then L2. ``skip_l1`` asks L2 directly: an L1 copy may be older than L2's
         (another proxy revalidated it), which matters before revalidating ourselves.
-        ``l1_ttl``: the near-cache bound for an L2 hit (an operator rule), else the store's."""
+        ``l1_ttl``: the near-cache bound for an L2 hit (an operator rule), else the store's.
+        A hit-for-pass marker (from either tier) is returned as it is."""
         if not skip_l1:
+            marker = self._passes.get(key)
+            if marker is not None:
+                if marker.until > now:
+                    return marker
+                del self._passes[key]
             resource = self._l1.get(key, now)
             if resource is not None:
                 self.metrics.l1_hits.inc()
@@ -182,6 +206,11 @@ class TieredStore:
         resource = self._decode(key, data)
         if resource is None:
             return None
+        if isinstance(resource, HitForPass):
+            if resource.until <= now:
+                return None
+            self._remember_pass(key, resource)
+            return resource
         self.metrics.l2_hits.inc()
         self._near_cache(key, resource, now, l1_ttl)
         return Lookup(resource, "l2")
@@ -206,6 +235,7 @@ class TieredStore:
         """
         current = base or self._l1.peek(key, now)
         resource = current.with_variant(entry) if current else Resource((entry,))
+        self._passes.pop(key, None)  # a storable answer ends hit-for-pass (L2: overwritten below)
         retain = resource.retain_until()
         if index is not None:
             await self._index(index, key, retain, now)
@@ -240,9 +270,32 @@ class TieredStore:
         self._update_gauges()
         return stored
 
-    def _decode(self, key: str, data: bytes) -> Resource | None:
+    async def mark_pass(self, key: str, marker: HitForPass, now: float) -> None:
+        """Send ``key``'s requests straight upstream until ``marker.until``, in this proxy (L1)
+        and, through L2, in every other one that looks the key up. A marker with more than half
+        its lifetime left is not rewritten (passed requests do not each cost an L2 write)."""
+        current = self._passes.get(key)
+        if current is not None and current.until - now > (marker.until - now) / 2:
+            return
+        self._remember_pass(key, marker)
+        self.metrics.hit_for_pass.labels("marked").inc()
+        if self._l2 is not None:
+            try:
+                await self._l2.set(key, codec.encode_pass(key, marker.until, marker.reason), math.ceil((marker.until - now) * 1000))
+            except L2Error as e:
+                log.debug(f"mitmcache: L2 hit-for-pass marker not written: {e}")
+
+    def _remember_pass(self, key: str, marker: HitForPass) -> None:
+        if key not in self._passes and len(self._passes) >= MAX_PASSES:
+            del self._passes[next(iter(self._passes))]  # the oldest
+        self._passes[key] = HitForPass(marker.until, marker.reason, "l1")
+
+    def _decode(self, key: str, data: bytes) -> Resource | HitForPass | None:
         try:
-            return Resource(codec.decode(data, key))
+            if codec.is_pass_marker(data):
+                until, reason = codec.decode_pass(data, key)
+                return HitForPass(until, reason, "l2")
+            return Resource(self._decoded.decode(data, key))
         except codec.DecodeError as e:
             self.metrics.valkey_decode_errors.inc()
             self.metrics.bad_input.labels("valkey-value").inc()
@@ -289,6 +342,8 @@ class TieredStore:
                 return None, "unavailable"
             if data is not None:
                 resource = self._decode(key, data)
+                if isinstance(resource, HitForPass):
+                    return None, "released"  # that fetch was not shareable: fetch ourselves now
                 if resource is not None and max(v.response_time for v in resource.variants) > newest_known:
                     self._near_cache(key, resource, time.time())
                     return resource, "filled"
@@ -340,6 +395,8 @@ class TieredStore:
         return removed
 
     def delete_l1(self, keys: list[str]) -> int:
+        for key in keys:
+            self._passes.pop(key, None)
         removed = sum(1 for key in keys if self._l1.delete(key))
         self._update_gauges()
         return removed
@@ -363,7 +420,8 @@ class TieredStore:
             data = await self._l2.get(key)
         except L2Error:
             return None
-        return self._decode(key, data) if data is not None else None
+        resource = self._decode(key, data) if data is not None else None
+        return resource if isinstance(resource, Resource) else None
 
     async def check_l2(self) -> dict[str, str | None]:
         """PING each L2 node once: name → None if up, else the error (start-up report)."""
@@ -376,6 +434,7 @@ class TieredStore:
 
     def clear_l1(self) -> int:
         self._indexes.clear()
+        self._passes.clear()
         n = self._l1.clear()
         self._update_gauges()
         return n
@@ -395,6 +454,8 @@ class TieredStore:
 
     async def purge_expired(self, now: float) -> int:
         """Drop expired L1 entries, in slices so a large L1 never stalls the event loop."""
+        for key in [k for k, m in self._passes.items() if m.until <= now]:
+            del self._passes[key]
         n = 0
         keys = self._l1.keys()
         for start in range(0, len(keys), 1000):

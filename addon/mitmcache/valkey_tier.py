@@ -20,7 +20,7 @@ import valkey.asyncio as valkey_async
 import xxhash
 from valkey.exceptions import ValkeyError
 
-from .metrics import Metrics
+from .metrics import VALKEY_OPS, Metrics
 from .ring import NodeAddress, Ring
 
 log = logging.getLogger("mitmcache")
@@ -97,6 +97,8 @@ class ValkeyTier:
         self.metrics = metrics
         self.nodes = {a.name: Node(a, self.timeout, tls_ca) for a in addresses}
         self.ring = Ring(self.nodes)
+        # Labelled histogram children looked up once, not per operation (the L2 hit path).
+        self._op_seconds = {op: metrics.valkey_op_seconds.labels(op) for op in VALKEY_OPS}
         self.on_node_up = on_node_up
         self._closed = False
         self._update_member_gauges()
@@ -290,7 +292,8 @@ class ValkeyTier:
             self._failed(node, op, e)
             raise L2Error(f"{node.name} {op}: {type(e).__name__}: {e}") from e
         finally:
-            self.metrics.valkey_op_seconds.labels(op).observe(time.perf_counter() - start)
+            timer = self._op_seconds.get(op)
+            (timer or self.metrics.valkey_op_seconds.labels(op)).observe(time.perf_counter() - start)
         node.failures = 0
         return result
 

@@ -105,3 +105,59 @@ def test_random_mutations_never_raise_anything_but_decode_error() -> None:
             codec.decode(bytes(mutated), KEY)
         except codec.DecodeError:
             pass
+
+
+# ----------------------------------------------------------------------------- hit-for-pass
+
+
+def test_pass_marker_round_trips_and_is_told_apart() -> None:
+    data = codec.encode_pass(KEY, 1234.5, "no-store")
+    assert codec.is_pass_marker(data) and not codec.is_pass_marker(codec.encode((), KEY))
+    assert codec.decode_pass(data, KEY) == (1234.5, "no-store")
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        pytest.param(lambda d: d[:-1] + b"!", id="reason outside [a-z0-9-]"),
+        pytest.param(lambda d: d[:10], id="truncated"),
+        pytest.param(lambda d: d + b"x" * 40, id="reason too long"),
+        pytest.param(lambda d: d[:3] + b"\x09" + d[4:], id="unknown version"),
+        pytest.param(lambda d: d[:20] + struct.pack(">d", float("nan")) + d[28:], id="until not finite"),
+    ],
+)
+def test_malformed_pass_marker_is_refused(mutate) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(codec.DecodeError):
+        codec.decode_pass(mutate(codec.encode_pass(KEY, 1234.5, "no-store")), KEY)
+
+
+def test_pass_marker_written_for_another_key_is_refused() -> None:
+    with pytest.raises(codec.DecodeError):
+        codec.decode_pass(codec.encode_pass("http://o.example/other", 1.0, "private"), KEY)
+
+
+# ----------------------------------------------------------------------------- decode memo
+
+
+def test_memo_answers_the_same_bytes_from_memory_and_nothing_else() -> None:
+    memo = codec.DecodeMemo()
+    data = codec.encode((variant("en", b"first"),), KEY)
+    first = memo.decode(data, KEY)
+    assert memo.decode(data, KEY) is first  # from memory: no second parse
+    # Same header (count, key digest, checksum field) over other payload bytes: refused.
+    tampered = bytearray(data)
+    tampered[-1] ^= 1
+    with pytest.raises(codec.DecodeError):
+        memo.decode(bytes(tampered), KEY)
+    with pytest.raises(codec.DecodeError):
+        memo.decode(data, "http://o.example/other")  # remembered for KEY only
+
+
+def test_memo_stays_within_its_budget() -> None:
+    memo = codec.DecodeMemo(max_bytes=16 * 2000)
+    for i in range(50):
+        memo.decode(codec.encode((variant("en", b"x" * 1000 + str(i).encode()),), KEY), KEY)
+    assert memo._bytes <= memo.max_bytes and len(memo._items) < 50
+    big = codec.encode((variant("en", b"y" * 5000),), KEY)
+    memo.decode(big, KEY)
+    assert memo.decode(big, KEY) is not memo.decode(big, KEY)  # above 1/16 of the budget: never kept

@@ -14,7 +14,7 @@ from .config import at_least, reject_unparsable, report_option_errors, spawn
 TLS_OPTIONS = {"ssl_insecure", "ssl_verify_upstream_trusted_ca", "ssl_verify_upstream_trusted_confdir"}
 INT_OPTIONS = (
     "cache_revalidate_workers", "cache_revalidate_queue", "cache_coalesce_wait_ms", "cache_lease_ms",
-    "cache_origin_timeout_ms",
+    "cache_origin_timeout_ms", "cache_hit_for_pass",
 )
 
 
@@ -46,12 +46,20 @@ class Revalidation:
             "cache_origin_timeout_ms", int, 10000,
             "Timeout of the cache's own requests to the origin (revalidation, stale-if-error).",
         )
+        loader.add_option(
+            "cache_hit_for_pass", int, 10,
+            "Seconds a URL whose answer could not be stored or shared (no-store, private, Set-Cookie, "
+            "Vary: *, too large, no freshness) goes straight upstream, when the answer names no "
+            "max-age (at most 300): no lookup, no waiting for another request. 0 = off.",
+        )
         reject_unparsable(loader, INT_OPTIONS)
 
     @report_option_errors
     def configure(self, updated: set[str]) -> None:
         service = self.service
-        values = {name: at_least(name, 1) for name in INT_OPTIONS if name in updated}
+        values = {name: at_least(name, 0 if name == "cache_hit_for_pass" else 1) for name in INT_OPTIONS if name in updated}
+        if "cache_hit_for_pass" in updated:
+            service.settings = dataclasses.replace(service.settings, hit_for_pass=float(ctx.options.cache_hit_for_pass))
         if values.keys() & {"cache_coalesce_wait_ms", "cache_lease_ms", "cache_origin_timeout_ms"}:
             service.settings = dataclasses.replace(
                 service.settings,
