@@ -66,7 +66,7 @@ class Proxy:
         return f"http://127.0.0.1:{self.port}"
 
     def client(self, **kwargs: object) -> httpx.Client:
-        c = httpx.Client(base_url=self.url, timeout=10, **kwargs)  # type: ignore[arg-type]
+        c = httpx.Client(base_url=self.url, **{"timeout": 10, **kwargs})  # type: ignore[arg-type]
         self.clients.append(c)
         return c
 

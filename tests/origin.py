@@ -12,6 +12,9 @@ can tell exactly what reached the origin. Parameters:
   delay=MS     wait before answering        no304=1       ignore conditionals
   hdr=N: v|…   raw extra header fields (replacing Date if one is given)
   nodate=1     no Date field at all        wetag=…       weak ETag W/"…"
+  big=N        a body of N bytes of ``big_body_chunks`` (bytes 0..255 repeated), written 1 MiB at a
+               time and never held whole: for streaming tests with hundreds of MiB
+  chunked=1    with big=: Transfer-Encoding: chunked instead of Content-Length
   barrier=N    from the second request for the path+query on, hold each until N of them are in
                (at most 5 s; a broken barrier answers 504): proves requests ran concurrently
   echo=N,…     append " N=<request field N>" for each named request field to the body
@@ -190,6 +193,22 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
             return
 
+        if "big" in q and self.command == "GET":
+            self.send_response(status)
+            for k, v in headers:
+                self.send_header(k, v)
+            self.send_header("Content-Type", "application/octet-stream")
+            chunked = "chunked" in q
+            self.send_header(*(("Transfer-Encoding", "chunked") if chunked else ("Content-Length", q["big"])))
+            self.end_headers()
+            try:
+                for chunk in big_body_chunks(int(q["big"])):
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+                if chunked:
+                    self.wfile.write(b"0\r\n\r\n")
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client left mid-body
+            return
         if "size" in q:
             body = b"x" * int(q["size"])
         else:
@@ -214,6 +233,17 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _handle
+
+
+_PATTERN = bytes(range(256)) * 4096  # 1 MiB
+
+
+def big_body_chunks(size: int) -> Iterator[bytes]:
+    """The body of ``big=size``, 1 MiB at a time (tests hash it the same way)."""
+    while size > 0:
+        chunk = _PATTERN[: min(size, len(_PATTERN))]
+        size -= len(chunk)
+        yield chunk
 
 
 def _replace_fields(headers: list[tuple[str, str]], spec: str) -> list[tuple[str, str]]:

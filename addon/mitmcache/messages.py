@@ -57,7 +57,9 @@ class Request:
 class Response:
     """A response with its exchange times (RFC 9111 §4.2.3 request_time/response_time).
 
-    ``body`` is None when it was not read whole (larger than the reader's bound).
+    ``body`` is None when it was not read whole (larger than the reader's bound); then
+    ``too_large`` is the number of bytes (at least) that went past a bound of
+    cache_max_object_bytes, when that is why (a streamed body nobody kept).
     """
 
     status: int
@@ -66,3 +68,4 @@ class Response:
     body: bytes | None
     request_time: float
     response_time: float
+    too_large: int | None = None

@@ -477,7 +477,8 @@ class Pipeline:
                 outcome.status.ttl = int(admission.entry.ttl(now))
                 outcome.entry = admission.entry
             elif admission.reason:
-                outcome.status.detail.append(admission.reason)
+                if admission.reason not in outcome.status.detail:  # a streamed response said it already
+                    outcome.status.detail.append(admission.reason)
                 outcome.not_stored = admission.reason
             if resource is not None and ex.passing:
                 service.metrics.hit_for_pass.labels("ended").inc()

@@ -130,7 +130,7 @@ class CacheService:
             viewed = policy.view(response.headers) if policy else response.headers
             reason = sem.storability(
                 method, response.status, request_headers, viewed,
-                len(body) if body is not None else None, settings.max_object_bytes, settings.targets,
+                len(body) if body is not None else response.too_large, settings.max_object_bytes, settings.targets,
             )
             if policy is not None:
                 if reason is sem.NotStorable.AUTHORIZATION and "authorization" in policy.key_headers:

@@ -7,15 +7,18 @@ onto the flow, and renders the request's ``Outcome`` once: ``X-Cache-Status``,
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import weakref
 
 from mitmproxy import ctx, http
+from mitmproxy.net.http.http1 import expected_http_body_size
+from mitmproxy.utils import human
 
 from ..messages import Request, Response
 from ..semantics import format_http_date
-from ..outcome import HIT, STALE, Outcome
+from ..outcome import HIT, MISS, STALE, Outcome
 from ..pipeline import Exchange
 from ..policy import PolicySet
 from ..service import CacheService
@@ -55,6 +58,36 @@ def _wire(value: str) -> bytes:
     return value.encode("utf-8", "surrogateescape")
 
 
+class Tee:
+    """A ``flow.response.stream`` callable: every chunk goes on to the client at once, and a
+    copy is kept while the body stays within ``limit`` bytes, so a storable response is stored
+    while it streams (not held whole first). ``body`` is the whole body only once the stream
+    ended (mitmproxy calls with ``b""`` last); a body over the limit keeps nothing."""
+
+    __slots__ = ("limit", "size", "parts", "ended")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.size = 0
+        self.parts: list[bytes] | None = []
+        self.ended = False
+
+    def __call__(self, chunk: bytes) -> bytes:
+        if not chunk:
+            self.ended = True
+        elif self.parts is not None:
+            self.size += len(chunk)
+            if self.size > self.limit:
+                self.parts = None  # too large to store: stop copying
+            else:
+                self.parts.append(chunk)
+        return chunk
+
+    @property
+    def body(self) -> bytes | None:
+        return b"".join(self.parts) if self.ended and self.parts is not None else None
+
+
 def to_mitmproxy(resp: Response) -> http.Response:
     """A response built by the cache, with its headers and body exactly as given (no
     Content-Length added: ``responses`` frames HEAD/304/206 itself)."""
@@ -63,6 +96,11 @@ def to_mitmproxy(resp: Response) -> http.Response:
         b"HTTP/1.1", resp.status, _wire(resp.reason), headers, resp.body or b"", None,
         resp.request_time, resp.response_time,
     )
+
+
+def _content_length(resp: http.Response) -> int | None:
+    value = resp.headers.get("content-length", "")
+    return int(value) if value.isascii() and value.isdigit() and len(value) < 20 else None
 
 
 class HttpCache:
@@ -107,16 +145,80 @@ class HttpCache:
             for name, value in ex.validators:
                 headers[name] = value
 
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """Stream what should not be held whole: a body over cache_max_object_bytes (it cannot be
+        stored anyway), and — once the user enables mitmproxy's ``stream_large_bodies`` — any
+        body over that threshold or of unknown length. A streamed response the cache may store
+        goes through a ``Tee`` (stored while it streams, when it ends whole within
+        cache_max_object_bytes). Its headers leave now, so they say MISS now
+        (``detail=streamed``); the flow's comment and metadata get the final outcome."""
+        resp = flow.response
+        if resp is None or callable(resp.stream):
+            return  # another addon streams it its own way
+        try:
+            length = expected_http_body_size(flow.request, resp)
+        except ValueError:
+            length = None
+        if length == 0:
+            return
+        if length is not None and length < 0:
+            length = None  # read until the connection closes
+        limit = self.service.settings.max_object_bytes
+        threshold = self._stream_threshold()
+        if not (
+            resp.stream
+            or (length is not None and length > limit)
+            or (threshold is not None and (length is None or length > threshold))
+        ):
+            return
+        ex = self._exchanges.get(flow)
+        storable = (
+            ex is not None and ex.request.method == "GET" and not ex.bypass and (length is None or length <= limit)
+        )
+        resp.stream = Tee(limit) if storable else True
+        if ex is None:
+            return
+        self._add_date(resp)
+        outcome = ex.outcome
+        outcome.status.fwd = outcome.status.fwd or "uri-miss"
+        outcome.status.fwd_status = resp.status_code
+        outcome.status.detail.append("streamed")
+        if length is not None and length > limit:
+            outcome.status.detail.append("too-large")
+        resp.headers["X-Cache-Status"] = MISS
+        resp.headers["Cache-Status"] = outcome.status.render()
+
+    def _stream_threshold(self) -> int | None:
+        value = getattr(ctx.options, "stream_large_bodies", None)
+        try:
+            return human.parse_size(value) if value else None
+        except ValueError:
+            return None  # mitmproxy itself refuses the option
+
+    @staticmethod
+    def _add_date(resp: http.Response) -> None:
+        if "date" not in resp.headers:
+            # RFC 9110 §6.6.1: a recipient with a clock adds the time of receipt to a response
+            # it caches or forwards without one.
+            resp.headers["Date"] = format_http_date(resp.timestamp_end or time.time())
+
     async def response(self, flow: http.HTTPFlow) -> None:
         ex = self._exchanges.pop(flow, None)
         if ex is None or flow.response is None:
             return
-        if "date" not in flow.response.headers:
-            # RFC 9110 §6.6.1: a recipient with a clock adds the time of receipt to a response
-            # it caches or forwards without one.
-            flow.response.headers["Date"] = format_http_date(flow.response.timestamp_end or time.time())
-        replacement = await self.service.pipeline.response(ex, response_from_flow(flow))
-        if replacement is not None:
+        self._add_date(flow.response)
+        received = response_from_flow(flow)
+        stream = flow.response.stream
+        if isinstance(stream, Tee):
+            body = stream.body
+            received = dataclasses.replace(received, body=body, too_large=stream.size if body is None and stream.parts is None else None)
+        elif stream and received.body is None:
+            # Streamed untouched: it was too large to keep, or mitmproxy switched to streaming midway.
+            length = _content_length(flow.response)
+            if length is not None and length > self.service.settings.max_object_bytes:
+                received = dataclasses.replace(received, too_large=length)
+        replacement = await self.service.pipeline.response(ex, received)
+        if replacement is not None and not flow.response.stream:  # a streamed body has left already
             flow.response = to_mitmproxy(replacement)
         if ex.outcome.label is not None:
             self._render(flow, ex.outcome)
