@@ -121,13 +121,17 @@ def har_bytes(flows: Sequence[http.HTTPFlow]) -> bytes:
     har = SaveHar().make_har(flows)
     har["log"]["creator"]["comment"] = "mitmcache cache_replay recording"
     for f, entry in zip(flows, har["log"]["entries"]):
-        post = entry["request"].get("postData")
         body = f.request.raw_content or b""
-        if post is not None and body:
-            try:
-                body.decode("utf-8")
-            except UnicodeDecodeError:
-                post.update(text=base64.b64encode(body).decode(), _encoding="base64", params=[])
+        if not body:
+            continue
+        # mitmproxy exports postData for POST/PUT/PATCH only; a body is part of matching for any method.
+        post = entry["request"].setdefault(
+            "postData", {"mimeType": f.request.headers.get("Content-Type", ""), "text": f.request.get_text(strict=False), "params": []},
+        )
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError:
+            post.update(text=base64.b64encode(body).decode(), _encoding="base64", params=[])
     return json.dumps(har, indent=2).encode()
 
 
