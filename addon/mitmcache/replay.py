@@ -228,16 +228,18 @@ class Cassette:
 
     def closest(self, req: RecordedRequest) -> Recorded | None:
         """The recorded request most like ``req`` (for a miss message; a scan, misses only):
-        most equal key parts first, then the most similar ``METHOD URL``."""
+        same method and origin first, then the same path, then the most similar ``METHOD URL``,
+        then the most equal key parts (query, body, headers)."""
         if not self.recorded:
             return None
         key = match_key(req, self.spec)
         wanted = describe(req, self.spec)
 
-        def score(answers: list[Recorded]) -> tuple[int, float]:
+        def score(answers: list[Recorded]) -> tuple[int, bool, float, int]:
             other = match_key(answers[0].request, self.spec)
-            same = sum(a == b for a, b in zip(key, other))
-            return same, difflib.SequenceMatcher(None, wanted, describe(answers[0].request, self.spec)).quick_ratio()
+            same = [a == b for a, b in zip(key, other)]
+            similar = difflib.SequenceMatcher(None, wanted, describe(answers[0].request, self.spec)).ratio()
+            return sum(same[:4]), same[4], similar, sum(same)
 
         return max(self._index.values(), key=score)[0]
 
