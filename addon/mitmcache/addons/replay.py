@@ -258,6 +258,11 @@ class Replay:
                 flows = read_cassette(path)
             except (exceptions.FlowReadException, ValueError, KeyError, TypeError) as e:
                 raise exceptions.OptionsError(f"cache_replay_file: cannot read {path!r}: {e}") from None
+        if self.active:  # a live change: what was recorded so far goes to the old file first
+            try:
+                self.flush()
+            except OSError as e:
+                log.warning(f"mitmcache: replay: cannot write {self.path}: {e}")
         self.mode, self.effective, self.path, self.spec = mode, effective, path, spec
         self.cassette = None if mode == "off" else rp.Cassette.of(spec, ((request_of(f), response_of(f)) for f in flows))
         # new_episodes rewrites the file: what it keeps is redacted with today's options too.
