@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,6 +217,27 @@ def test_new_episodes_replays_matches_and_appends_the_rest(recording: Recording,
         replay.stop()
 
 
+def test_recording_is_on_disk_whole_before_exit_and_survives_a_kill(tmp_path: Path) -> None:
+    """Written atomically about a second after each recording: a SIGKILL loses nothing older."""
+    path = tmp_path / "killed.mitm"
+    origin = start_origin()
+    proxy = start_proxy(tmp_path, f"reverse:{origin.url}", f"cache_replay_file={path}", "cache_replay_mode=all")
+    try:
+        c = proxy.client()
+        for i in range(3):
+            c.get(f"/k/{i}")
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not (path.exists() and len(read_flows_from_paths([path])) == 3):
+            time.sleep(0.1)
+        proxy.proc.kill()
+        proxy.proc.wait(10)
+    finally:
+        proxy.stop()
+        origin.stop()
+    assert [f.request.path for f in read_flows_from_paths([path])] == ["/k/0", "/k/1", "/k/2"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".killed")] == []  # no temporary file left
+
+
 def test_once_records_when_the_file_is_missing_and_replays_when_it_exists(tmp_path: Path) -> None:
     path = tmp_path / "once.har"
     origin = start_origin()
@@ -256,3 +278,12 @@ def test_browser_exported_har_replays(tmp_path: Path) -> None:
     assert created.status_code == 201 and created.json() == {"id": 7}
     assert miss.status_code == 504
     assert "Closest recorded request: GET http://app.example.test/api/items?page=1&sort=name" in miss.text
+
+
+@pytest.mark.parametrize("sets, message", [
+    pytest.param(("cache_replay_mode=sometimes", "cache_replay_file=x.har"), "cache_replay_mode: must be one of off, none, once", id="mode"),
+    pytest.param(("cache_replay_mode=none", "cache_replay_file=missing.har"), "cache_replay_file: 'missing.har' does not exist", id="file"),
+])
+def test_bad_replay_options_stop_start_up_with_one_line(tmp_path: Path, sets: tuple[str, ...], message: str) -> None:
+    with pytest.raises(RuntimeError, match=message):
+        start_proxy(tmp_path, "regular", *sets)

@@ -54,6 +54,7 @@ def clients(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clients]:
     script = " && ".join([
         f"{sys.executable} -c '{URLLIB_CLIENT}' {base}/py",
         f"curl -sS -w '\\n' {base}/curl",
+        f"curl -sS -w '\\n' -d 'b=2&a=1' {base}/form",
         *([f"{NODE} {NODE_CLIENT} {base}/node"] if NODE else []),
     ])
     command = ["sh", "-c", script]
@@ -65,9 +66,9 @@ def clients(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clients]:
 
 def test_clients_record_over_https_then_replay_with_the_origin_stopped(clients: Clients) -> None:
     assert clients.recorded.returncode == 0, clients.recorded.stderr
-    expected = ["200 /py #1", "/curl #1"] + (["200 /node #1"] if NODE else [])
+    expected = ["200 /py #1", "/curl #1", "/form #1"] + (["200 /node #1"] if NODE else [])
     assert clients.recorded.stdout.split("\n")[:len(expected)] == expected
-    assert clients.origin.counts == {"/py": 1, "/curl": 1, **({"/node": 1} if NODE else {})}
+    assert clients.origin.counts == {"/py": 1, "/curl": 1, "/form": 1, **({"/node": 1} if NODE else {})}
 
     replayed = replay(clients.cassette, "none", clients.command)
     assert replayed.returncode == 0, replayed.stderr

@@ -74,3 +74,25 @@ async def test_record_then_replay_without_the_cache_and_secrets(tmp_path: Path, 
         assert report["unmatched"] == [{"request": "GET http://address:22/b?token=x", "count": 1}]
         stats = json.loads(tctx.master.commands.call("cache.stats"))
         assert stats["l1_entries"] == 0  # replayed answers never fill the RFC cache
+
+
+async def test_binary_request_body_survives_a_har_recording(tmp_path: Path) -> None:
+    path = str(tmp_path / "bin.har")
+    body = bytes(range(256))
+    a = MitmCache()
+    with taddons.context(a) as tctx:
+        tctx.configure(a, cache_replay_file=path, cache_replay_mode="all")
+        f = tflow.tflow(req=tutils.treq(method=b"POST", path=b"/upload", content=body))
+        await cycle(tctx, f, body=b"stored")
+        a.done()
+    post = json.loads(Path(path).read_text())["log"]["entries"][0]["request"]["postData"]
+    assert post["_encoding"] == "base64"
+    a = MitmCache()
+    with taddons.context(a) as tctx:
+        tctx.configure(a, cache_replay_file=path, cache_replay_mode="none")
+        same = tflow.tflow(req=tutils.treq(method=b"POST", path=b"/upload", content=body))
+        other = tflow.tflow(req=tutils.treq(method=b"POST", path=b"/upload", content=body[::-1]))
+        await cycle(tctx, same)
+        await cycle(tctx, other)
+        assert (same.response.status_code, same.response.content) == (200, b"stored")
+        assert other.response.status_code == 504
