@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .valkey_nodes import free_port
+from .valkey_nodes import die_with_parent, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 ENTRY = ROOT / "addon" / "mitmcache_addon.py"
@@ -121,8 +121,13 @@ def print_report(report: dict[str, object]) -> None:
         print(f"    … and {len(unused) - 20} more", file=out)
 
 
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # a cancelled CI job: stop CMD, then the proxy (the recording is flushed)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    signal.signal(signal.SIGTERM, _interrupted)
     work = Path(tempfile.mkdtemp(prefix="mitmcache-replay-"))
     try:
         return run(args, work)
@@ -146,7 +151,8 @@ def run(args: argparse.Namespace, work: Path) -> int:
     for item in args.sets:
         cmd += ["--set", item]
     with log_file.open("wb") as log:
-        proxy = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        # The proxy dies with this process even if it is SIGKILLed (no orphan holding the port).
+        proxy = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
     try:
         ca = confdir / "mitmproxy-ca-cert.pem"
         if not wait_until_listening(port, proxy, ca):
