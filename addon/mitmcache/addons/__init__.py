@@ -20,6 +20,7 @@ from ..service import CacheService
 from .admin import Admin
 from .http_cache import HttpCache
 from .policies import Policies
+from .replay import Replay
 from .revalidation import Revalidation
 from .storage import Storage
 from .tracing import Tracing
@@ -29,9 +30,10 @@ def default_addons(service: CacheService) -> list[Any]:
     """The cache's addons in lifecycle order (``Admin`` last: it checks every ``cache_*``
     option is declared)."""
     http_cache = HttpCache(service)
+    http_cache.replay = Replay(service)  # asked first by the request hook (record and replay)
     return [
-        Storage(service), Revalidation(service), Policies(service), Tracing(service), http_cache,
-        Admin(service, http_cache),
+        Storage(service), Revalidation(service), Policies(service), Tracing(service), http_cache.replay,
+        http_cache, Admin(service, http_cache),
     ]
 
 

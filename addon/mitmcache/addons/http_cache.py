@@ -24,6 +24,7 @@ from ..policy import PolicySet
 from ..service import CacheService
 from .config import reject_unparsable, report_option_errors
 from .policies import match_flow
+from .replay import Replay
 
 log = logging.getLogger("mitmcache")
 
@@ -111,6 +112,7 @@ class HttpCache:
         self.mark_flows = True
         # Live per-flow state beside the flow, not in flow.metadata (which flow files keep).
         self._exchanges: weakref.WeakKeyDictionary[http.HTTPFlow, Exchange] = weakref.WeakKeyDictionary()
+        self.replay: Replay | None = None  # record and replay (addons/replay.py), set by default_addons
 
     def load(self, loader) -> None:  # type: ignore[no-untyped-def]
         loader.add_option(
@@ -132,6 +134,14 @@ class HttpCache:
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None or flow.error is not None:
             return  # already answered by someone else
+        if self.replay is not None and self.replay.active:
+            # Record/replay: a replayed answer or its 504 never consults the RFC cache, and a
+            # request to record bypasses it (the file holds exactly what the origin sent).
+            replayed = self.replay.request(flow)
+            if replayed is not None:
+                if replayed.label is not None:
+                    self._render(flow, replayed)
+                return
         ex = await self.service.pipeline.request(request_from_flow(flow, self.service.policies))
         if ex.reply is not None:
             flow.response = to_mitmproxy(ex.reply)
@@ -203,6 +213,8 @@ class HttpCache:
             resp.headers["Date"] = format_http_date(resp.timestamp_end or time.time())
 
     async def response(self, flow: http.HTTPFlow) -> None:
+        if self.replay is not None and self.replay.active and self.replay.record(flow):
+            return  # recorded as the origin sent it: the cache adds nothing
         ex = self._exchanges.pop(flow, None)
         if ex is None or flow.response is None:
             return
