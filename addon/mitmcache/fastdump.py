@@ -28,7 +28,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from mitmproxy import exceptions, master, optmanager
+from mitmproxy import addonmanager, exceptions, hooks, master, optmanager
 from mitmproxy import options as mitm_options
 from mitmproxy.addons import (
     block,
@@ -147,6 +147,60 @@ def check_supported(opts: mitm_options.Options, owners: dict[str, str]) -> None:
             raise Refused(f"--mode {spec}: the fast launcher serves {', '.join(MODES)} modes only; {STOCK_HINT}")
 
 
+class HookIndex(addonmanager.AddonManager):
+    """mitmproxy's AddonManager, except that an event goes only to the addons that handle it.
+
+    Stock dispatch walks every addon for every event (eight per request, four of them
+    ``update``, which none of the addons here implements), entering a context manager per
+    addon. This keeps, per event name, the top-level addons that have the hook, plus every
+    addon with nested ``addons`` (ScriptLoader's scripts come and go, so containers are always
+    asked); order, ``safecall`` and ``AddonHalt`` are mitmproxy's own. The index is rebuilt
+    whenever the chain changes."""
+
+    def __init__(self, m: master.Master) -> None:
+        super().__init__(m)
+        self._index: dict[str, list[Any]] = {}
+
+    def _hooked(self, name: str) -> list[Any]:
+        found = self._index.get(name)
+        if found is None:
+            found = self._index[name] = [
+                a for a in self.chain if hasattr(a, "addons") or getattr(a, name, None) is not None
+            ]
+        return found
+
+    async def trigger_event(self, event: hooks.Hook) -> None:
+        for addon in self._hooked(event.name):
+            try:
+                with addonmanager.safecall():
+                    await self.invoke_addon(addon, event)
+            except exceptions.AddonHalt:
+                return
+
+    def add(self, *addons: Any) -> None:
+        super().add(*addons)
+        self._index = {}
+
+    def remove(self, addon: Any) -> None:
+        super().remove(addon)
+        self._index = {}
+
+    def clear(self) -> None:
+        super().clear()
+        self._index = {}
+
+
+class FastMaster(master.Master):
+    """mitmproxy's Master with the HookIndex addon manager and a TermLog for log lines."""
+
+    def __init__(self, opts: mitm_options.Options) -> None:
+        super().__init__(opts, with_termlog=False)
+        self.options.changed.disconnect(self.addons._configure_all)  # the stock manager is replaced, unused
+        self.addons = HookIndex(self)
+        self._termlog_addon = termlog.TermLog()
+        self.addons.add(self._termlog_addon)
+
+
 def _configure_logging() -> None:
     # As mitmproxy.tools.main.run does: the root logger passes everything to TermLog, which filters.
     logging.getLogger().setLevel(logging.DEBUG)
@@ -193,7 +247,7 @@ async def _main(argv: list[str], make_cache: Callable[[], Any]) -> int:
     # Second pass, for real: the chain first (each addon declares its options), then the rest of
     # the built-in options, then the arguments, so every addon is configured as under mitmdump.
     opts = mitm_options.Options()
-    m = master.Master(opts, with_termlog=True)
+    m = FastMaster(opts)
     m.addons.add(*select_addons(scratch, make_cache()), errorcheck.ErrorCheck())
     declare_builtin_options(opts)
     try:

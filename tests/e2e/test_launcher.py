@@ -45,14 +45,24 @@ def statuses(client: httpx.Client, url: str, times: int = 2) -> list[str]:
     return out
 
 
+USER_SCRIPT = """
+def response(flow):
+    flow.response.headers["x-user-script"] = flow.response.headers.get("x-cache-status", "none")
+"""
+
+
 def test_fast_launcher_reverse_hit_miss_flow_lines_and_w_flows_read_back(tmp_path: Path, origin: Origin) -> None:
     flows_file = tmp_path / "out.flows"
-    proxy = launch(tmp_path, "--nodes", "1", "--mode", f"reverse:{origin.url}", "-w", str(flows_file))
+    script = tmp_path / "user_script.py"
+    script.write_text(USER_SCRIPT)
+    proxy = launch(tmp_path, "--nodes", "1", "--mode", f"reverse:{origin.url}", "-w", str(flows_file), "-s", str(script))
     path = f"/fast-reverse?cc={CC}"
     try:
         with proxy.client() as c:
             assert statuses(c, path) == ["MISS", "HIT"]
-            assert c.get(path).text == "/fast-reverse #1"
+            r = c.get(path)
+            assert r.text == "/fast-reverse #1"
+            assert r.headers["x-user-script"] == "HIT"  # the user's -s script runs after the cache
         assert proxy.metrics()['mitmcache_stores_total{tier="l2"}'] == 1  # the local node took it
     finally:
         out = proxy.stop()

@@ -69,3 +69,49 @@ def test_minimal_chain_and_optional_addons() -> None:
     ]
     assert chain("-q", "--mode", "reverse:http://127.0.0.1:1") == [*base, "UpdateAltSvc"]
     assert chain("-q", "--mode", "reverse:http://127.0.0.1:1", "--set", "keep_alt_svc_header=true") == base
+
+
+class Recorder:
+    def __init__(self, name: str, seen: list[str], halt: bool = False) -> None:
+        self.name, self.seen, self.halt = name, seen, halt
+
+    def request(self, flow: object) -> None:
+        self.seen.append(self.name)
+        if self.halt:
+            from mitmproxy import exceptions
+
+            raise exceptions.AddonHalt
+
+
+class Silent:
+    name = "silent"
+
+
+class Container:
+    """Like ScriptLoader: nested addons that may change after start-up."""
+
+    name = "container"
+
+    def __init__(self) -> None:
+        self.addons: list[object] = []
+
+
+async def test_hook_index_dispatches_in_order_to_handlers_and_containers() -> None:
+    from mitmproxy.proxy.layers.http import HttpRequestHook
+    from mitmproxy.test import tflow
+
+    seen: list[str] = []
+    m = fastdump.FastMaster(options.Options())
+    try:
+        container = Container()
+        m.addons.add(Recorder("a", seen), Silent(), container, Recorder("b", seen))
+        assert Silent not in [type(a) for a in m.addons._hooked("request")]
+        await m.addons.handle_lifecycle(HttpRequestHook(tflow.tflow()))
+        assert seen == ["a", "b"]
+        container.addons.append(Recorder("nested", seen))  # a script loaded later is reached
+        m.addons.add(Recorder("c", seen, halt=True), Recorder("d", seen))  # AddonHalt stops the rest
+        seen.clear()
+        await m.addons.handle_lifecycle(HttpRequestHook(tflow.tflow()))
+        assert seen == ["a", "nested", "b", "c"]
+    finally:
+        m._termlog_addon.uninstall()  # type: ignore[union-attr]
