@@ -15,7 +15,8 @@ Every built-in addon's options are declared, so the parser, ``config.yaml`` and 
 see mitmdump's full option set; an option the user changed whose addon is not loaded (e.g.
 ``--map-remote``, ``--anticache``, ``-r``) and the modes that need other addons (dns,
 wireguard, local, tun) are refused before anything starts, in one line naming the option and
-pointing to ``scripts/run --stock``. Runs on uvloop when it is installed (the ``fast`` extra).
+pointing to ``scripts/run --stock``. Hook events go only to the addons that implement them
+(``HookIndex``). Runs on uvloop when it is installed (the ``fast`` extra).
 """
 
 from __future__ import annotations
@@ -99,25 +100,36 @@ def _reverse(opts: mitm_options.Options) -> bool:
     return any(spec.startswith("reverse:") for spec in opts.mode)
 
 
+def _always(opts: mitm_options.Options) -> bool:
+    return True
+
+
+CACHE_SLOT = None
+CHAIN: list[tuple[type | None, Callable[[mitm_options.Options], bool]]] = [
+    (core.Core, _always),
+    (block.Block, _always),
+    (disable_h2c.DisableH2C, _always),
+    (proxyauth.ProxyAuth, lambda o: bool(o.proxyauth)),
+    (proxyserver.Proxyserver, _always),
+    (CACHE_SLOT, _always),  # where stock mitmdump's first -s script sits: user scripts run after it
+    (script.ScriptLoader, lambda o: bool(o.scripts)),
+    (next_layer.NextLayer, _always),
+    (save.Save, lambda o: bool(o.save_stream_file)),
+    (tlsconfig.TlsConfig, _always),
+    (upstream_auth.UpstreamAuth, lambda o: bool(o.upstream_auth)),
+    (update_alt_svc.UpdateAltSvc, lambda o: _reverse(o) and not o.keep_alt_svc_header),
+    (dumper.Dumper, lambda o: o.flow_detail > 0),
+]
+"""The fast launcher's built-in addons in stock mitmdump's relative order, each with the
+condition (on the parsed options) under which it is loaded. ErrorCheck and TermLog come too."""
+
+SUPPORTED = {cls.__name__ for cls, _ in CHAIN if cls is not None} | {"TermLog"}
+"""Built-in addons whose options the fast launcher honours."""
+
+
 def select_addons(opts: mitm_options.Options, cache: Any) -> list[Any]:
-    """The addon chain for these options, in stock mitmdump's relative order; ``cache`` sits where
-    stock mitmdump's first ``-s`` script would, so user scripts run after it."""
-    want: list[tuple[bool, Callable[[], Any]]] = [
-        (True, core.Core),
-        (True, block.Block),
-        (True, disable_h2c.DisableH2C),
-        (bool(opts.proxyauth), proxyauth.ProxyAuth),
-        (True, proxyserver.Proxyserver),
-        (True, lambda: cache),
-        (bool(opts.scripts), script.ScriptLoader),
-        (True, next_layer.NextLayer),
-        (bool(opts.save_stream_file), save.Save),
-        (True, tlsconfig.TlsConfig),
-        (bool(opts.upstream_auth), upstream_auth.UpstreamAuth),
-        (_reverse(opts) and not opts.keep_alt_svc_header, update_alt_svc.UpdateAltSvc),
-        (opts.flow_detail > 0, dumper.Dumper),
-    ]
-    return [make() for wanted, make in want if wanted]
+    """The addon chain for these options (``cache`` in CACHE_SLOT)."""
+    return [cache if cls is CACHE_SLOT else cls() for cls, wanted in CHAIN if wanted(opts)]
 
 
 def _flag(name: str) -> str:
@@ -126,15 +138,11 @@ def _flag(name: str) -> str:
 
 def check_supported(opts: mitm_options.Options, owners: dict[str, str]) -> None:
     """Raise Refused for the first option set away from its default whose addon the fast
-    launcher does not load (with the chain above, every option of a loaded or conditionally
-    loaded addon is supported), and for modes other than MODES."""
-    loaded = {
-        "Core", "Block", "DisableH2C", "ProxyAuth", "Proxyserver", "ScriptLoader", "NextLayer", "Save",
-        "TlsConfig", "UpstreamAuth", "UpdateAltSvc", "Dumper", "TermLog",
-    }
+    launcher does not load (every option of an addon in CHAIN is supported: that addon is
+    loaded when its option asks for it), and for modes other than MODES."""
     for name in sorted(opts.keys()):
         owner = owners.get(name)
-        if owner is None or owner in loaded or name in IGNORED:
+        if owner is None or owner in SUPPORTED or name in IGNORED:
             continue
         if opts._options[name].has_changed():
             raise Refused(f"option {name} ({_flag(name)}) needs mitmproxy's {owner} addon, which the fast launcher does not load; {STOCK_HINT}")
