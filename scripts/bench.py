@@ -11,6 +11,7 @@ Valkey ring, and one proxy per target, all in reverse mode to the origin (``-q``
   l2                stock mitmdump -s the cache, cache_l1_ttl=0: every hit read from Valkey
   nostore-l1/-l2    the l1 / l2 proxies asked for a ``Cache-Control: no-store`` URL
   fast-ceiling      the same memory answer under the fast launcher (scripts/run's default)
+  fast-ceiling-asyncio  the same on asyncio's own event loop instead of uvloop
   fast-l1           scripts/run --l1-only (the fast launcher, uvloop when installed)
   fast-l1-asyncio   scripts/run --l1-only --no-uvloop
   l1-before         (--before DIR) another checkout's cache, L1 only, stock mitmdump
@@ -68,6 +69,8 @@ RATIOS = [
     ("fast L1 hit / stock ceiling", "fast-l1", "ceiling"),
     ("fast L1 hit / fast ceiling", "fast-l1", "fast-ceiling"),
     ("fast L1 hit (asyncio loop) / stock L1 hit", "fast-l1-asyncio", "l1"),
+    ("fast ceiling: uvloop / asyncio loop", "fast-ceiling", "fast-ceiling-asyncio"),
+    ("fast L1 hit: uvloop / asyncio loop", "fast-l1", "fast-l1-asyncio"),
     ("L1 hit / before", "l1", "l1-before"),
     ("L1 hit with rules / L1 hit", "l1-rules", "l1"),
 ]
@@ -222,6 +225,7 @@ def start_targets(args: argparse.Namespace, origin: str, urls: str, tmp: Path) -
         add([("l1-rules", HOT, "HIT")], lambda p, c: [*stock, "-s", str(ENTRY), *proxy_args(p, origin, c, *rules)])
     me = [PYTHON, str(Path(__file__).resolve()), "_fast_ceiling"]
     add([("fast-ceiling", HOT, "HIT")], lambda p, c: [*me, *proxy_args(p, origin, c)])
+    add([("fast-ceiling-asyncio", HOT, "HIT")], lambda p, c: [*me, "--no-uvloop", *proxy_args(p, origin, c)])
     launch = [PYTHON, "-m", "mitmcache.launch", "--l1-only"]
     add([("fast-l1", HOT, "HIT")], lambda p, c: [*launch, *proxy_args(p, origin, c)])
     add([("fast-l1-asyncio", HOT, "HIT")], lambda p, c: [*launch, "--no-uvloop", *proxy_args(p, origin, c)])
