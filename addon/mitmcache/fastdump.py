@@ -234,23 +234,31 @@ def _apply_arguments(opts: mitm_options.Options, argv: list[str]) -> Any:
     return args
 
 
-async def _main(argv: list[str], make_cache: Callable[[], Any]) -> int:
-    _configure_logging()
-    # First pass, on a scratch option set holding every built-in option: what is asked for.
+def preflight(argv: list[str]) -> tuple[mitm_options.Options, Any]:
+    """First pass, on a scratch option set holding every built-in option: parse the command line
+    and check the fast launcher supports what it asks for. Returns (options, argparse namespace);
+    raises Refused, OptionsError, SystemExit (argparse)."""
     scratch = mitm_options.Options()
     owners = declare_builtin_options(scratch)
-    try:
-        args = _apply_arguments(scratch, argv)
-        if args.version:
-            print(debug.dump_system_info())
-            return 0
+    args = _apply_arguments(scratch, argv)
+    if not args.version:
         check_supported(scratch, owners)
+    return scratch, args
+
+
+async def _main(argv: list[str], make_cache: Callable[[], Any]) -> int:
+    _configure_logging()
+    try:
+        scratch, args = preflight(argv)
     except exceptions.OptionsError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 1
     except Refused as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
+    if args.version:
+        print(debug.dump_system_info())
+        return 0
 
     # Second pass, for real: the chain first (each addon declares its options), then the rest of
     # the built-in options, then the arguments, so every addon is configured as under mitmdump.

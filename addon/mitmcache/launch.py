@@ -159,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"scripts/run: error: {e}", file=sys.stderr)
         return 2
+    if not stock:  # refuse what the fast launcher cannot do before starting anything
+        code = fast_preflight(proxy_arguments(passthrough, sets))
+        if code is not None:
+            return code
     nodes: list[ValkeyNode] = []
     if local_nodes:
         try:
@@ -177,6 +181,26 @@ def main(argv: list[str] | None = None) -> int:
             node.stop()
         if nodes:
             print(f"mitmcache: stopped {len(nodes)} local Valkey nodes", file=sys.stderr)
+
+
+def fast_preflight(args: list[str]) -> int | None:
+    """None when the fast launcher can run these arguments, else the exit status after one line
+    on stderr (an unsupported option: 2; a bad value: 1; argparse's own usage errors: 2)."""
+    from mitmproxy import exceptions
+
+    from . import fastdump
+
+    try:
+        fastdump.preflight(args)
+    except fastdump.Refused as e:
+        print(f"scripts/run: error: {e}", file=sys.stderr)
+        return 2
+    except exceptions.OptionsError as e:
+        print(f"scripts/run: {e}", file=sys.stderr)
+        return 1
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 2
+    return None
 
 
 def run_fast(args: list[str], use_uvloop: bool) -> int:
