@@ -42,6 +42,7 @@ STAMP="$VENV/.mitmcache-installed"
 WANT="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     echo "mitmcache: installing dependencies into .venv ..." >&2
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[test]"
+    # [fast]: uvloop for scripts/run's fast launcher (it runs on asyncio's own loop without it).
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[test,fast]"
     echo "$WANT" > "$STAMP"
 fi

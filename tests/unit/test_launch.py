@@ -55,7 +55,7 @@ def test_l1_only_flag() -> None:
 )
 def test_users_own_cache_valkey_urls_wins_without_local_nodes(user: list[str]) -> None:
     argv = [*MODE, *user]
-    sets, local_nodes, passthrough = plan(argv)
+    sets, local_nodes, passthrough, *_ = plan(argv)
     assert local_nodes == 0
     assert "cache_valkey_urls" not in sets
     assert passthrough == argv
@@ -66,21 +66,21 @@ def test_users_own_cache_valkey_urls_wins_without_local_nodes(user: list[str]) -
 
 @pytest.mark.parametrize("user", [["--set", "cache_valkey_urls="], ["--set=cache_valkey_urls="]])
 def test_users_empty_cache_valkey_urls_means_l1_only(user: list[str]) -> None:
-    sets, local_nodes, passthrough = plan([*user, *MODE])
+    sets, local_nodes, passthrough, *_ = plan([*user, *MODE])
     assert local_nodes == 0
     assert sets_in(mitmdump_command(passthrough, sets), "cache_valkey_urls") == [""]
 
 
 def test_url_value_with_equals_signs_is_kept_whole() -> None:
     url = "valkey://:pa=ss@10.0.0.5:6379/2"
-    sets, local_nodes, passthrough = plan(["--set", f"cache_valkey_urls={url}"])
+    sets, local_nodes, passthrough, *_ = plan(["--set", f"cache_valkey_urls={url}"])
     assert local_nodes == 0
     assert sets_in(mitmdump_command(passthrough, sets), "cache_valkey_urls") == [url]
 
 
 @pytest.mark.parametrize("user", [["--set", "connection_strategy=eager"], ["--set=connection_strategy=lazy"]])
 def test_users_connection_strategy_is_not_duplicated(user: list[str]) -> None:
-    sets, local_nodes, passthrough = plan([*MODE, *user])
+    sets, local_nodes, passthrough, *_ = plan([*MODE, *user])
     assert "connection_strategy" not in sets
     assert local_nodes == DEFAULT_NODES  # unrelated to the Valkey choice
     assert len(sets_in(mitmdump_command(passthrough, sets), "connection_strategy")) == 1
@@ -144,3 +144,14 @@ def test_passwords_are_redacted_in_both_forms() -> None:
     shown = " ".join(_redacted(cmd))
     assert "s3cret" not in shown and "pw@" not in shown
     assert "valkey://***@h:1/0" in shown and "valkeys://***@h:2/3" in shown
+
+
+def test_fast_launcher_is_the_default_and_stock_is_a_flag() -> None:
+    assert plan(MODE).stock is False and plan(MODE).uvloop is True
+    assert plan(["--stock", *MODE]) == Plan({"connection_strategy": "lazy"}, DEFAULT_NODES, MODE, stock=True)
+    assert plan(["--no-uvloop", "--l1-only", *MODE]).uvloop is False
+
+
+def test_no_uvloop_with_stock_is_an_error() -> None:
+    with pytest.raises(UsageError, match="--no-uvloop"):
+        plan(["--stock", "--no-uvloop"])

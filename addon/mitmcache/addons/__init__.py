@@ -6,7 +6,7 @@ Each small addon owns its options, ``configure`` and commands; only ``HttpCache`
 
 Why the container hands the lifecycle events on itself: mitmproxy walks every nested addon
 (``addons`` attribute) for every event — eight per request — so six nested addons cost the hit
-path ~3 % of throughput (measured with ``scripts/bench_l2_vs_l1.py --before``). Only
+path ~3 % of throughput (measured with ``scripts/bench.py --before``). Only
 ``HttpCache``, which has the per-request hooks, is nested; the others get ``load``,
 ``configure``, ``running`` and ``done`` from the container, in the order below, and their
 commands are registered with mitmproxy's command manager at ``load``.
