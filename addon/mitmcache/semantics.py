@@ -543,23 +543,33 @@ def malformed_fields(headers: HeaderList) -> list[str]:
     Expires means stale, §4.2.1/§5.3); this only tells the operator. ``Expires: 0`` and
     ``Expires: -1`` are a common idiom for "already expired" and are not reported.
     """
+    found: dict[str, list[str]] = {}
+    for name, value in headers:  # one pass over the fields (this runs for every answer)
+        lower = name.lower()
+        if lower in _CHECKED_FIELDS:
+            found.setdefault(lower, []).append(value)
+    if not found:
+        return []
     bad: list[str] = []
-    cc = parse_cache_control(header_values(headers, "cache-control"))
+    cc = parse_cache_control(found.get("cache-control", ()))
     for name in ("max-age", "s-maxage", "stale-while-revalidate", "stale-if-error"):
         if name in cc and parse_delta_seconds(cc[name]) is None:
             bad.append("cache-control")
             break
     for name in ("date", "last-modified"):
-        value = header_get(headers, name)
-        if value is not None and parse_http_date(value) is None:
+        values = found.get(name)
+        if values is not None and parse_http_date(", ".join(values)) is None:
             bad.append(name)
-    expires = header_values(headers, "expires")
+    expires = found.get("expires")
     if expires and parse_http_date(expires[0]) is None and expires[0].strip().lstrip("-") not in ("0", "1"):
         bad.append("expires")
-    age = first_member(headers, "age")
-    if age is not None and parse_delta_seconds(age) is None:
+    ages = split_list(found.get("age", ()))
+    if ages and parse_delta_seconds(ages[0]) is None:
         bad.append("age")
     return bad
+
+
+_CHECKED_FIELDS = frozenset({"cache-control", "date", "last-modified", "expires", "age"})
 
 
 # --------------------------------------------------------------------------- stored entries

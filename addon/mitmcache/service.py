@@ -174,6 +174,8 @@ class CacheService:
         storable, and coalescing is what protects it then)."""
         if reason not in PASS_REASONS or response.status >= 500 or self.settings.hit_for_pass <= 0:
             return
+        if self.store.pass_left(key, now) > self.settings.hit_for_pass / 2:
+            return  # a passed request's answer: the marker is renewed only when half spent
         max_age = sem.ResponseDirectives.from_headers(response.headers, self.settings.targets).max_age
         lifetime = min(float(max_age) if max_age else self.settings.hit_for_pass, MAX_PASS_SECONDS)
         await self.store.mark_pass(key, HitForPass(now + lifetime, reason.value), now)

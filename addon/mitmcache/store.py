@@ -272,11 +272,7 @@ class TieredStore:
 
     async def mark_pass(self, key: str, marker: HitForPass, now: float) -> None:
         """Send ``key``'s requests straight upstream until ``marker.until``, in this proxy (L1)
-        and, through L2, in every other one that looks the key up. A marker with more than half
-        its lifetime left is not rewritten (passed requests do not each cost an L2 write)."""
-        current = self._passes.get(key)
-        if current is not None and current.until - now > (marker.until - now) / 2:
-            return
+        and, through L2, in every other one that looks the key up."""
         self._remember_pass(key, marker)
         self.metrics.hit_for_pass.labels("marked").inc()
         if self._l2 is not None:
@@ -284,6 +280,11 @@ class TieredStore:
                 await self._l2.set(key, codec.encode_pass(key, marker.until, marker.reason), math.ceil((marker.until - now) * 1000))
             except L2Error as e:
                 log.debug(f"mitmcache: L2 hit-for-pass marker not written: {e}")
+
+    def pass_left(self, key: str, now: float) -> float:
+        """Seconds left of this proxy's hit-for-pass marker for ``key`` (0: none)."""
+        marker = self._passes.get(key)
+        return max(0.0, marker.until - now) if marker is not None else 0.0
 
     def _remember_pass(self, key: str, marker: HitForPass) -> None:
         if key not in self._passes and len(self._passes) >= MAX_PASSES:

@@ -110,6 +110,7 @@ class HttpCache:
     def __init__(self, service: CacheService) -> None:
         self.service = service
         self.mark_flows = True
+        self.stream_threshold: int | None = None  # mitmproxy's stream_large_bodies, in bytes
         # Live per-flow state beside the flow, not in flow.metadata (which flow files keep).
         self._exchanges: weakref.WeakKeyDictionary[http.HTTPFlow, Exchange] = weakref.WeakKeyDictionary()
         self.replay: Replay | None = None  # record and replay (addons/replay.py), set by default_addons
@@ -125,6 +126,12 @@ class HttpCache:
     def configure(self, updated: set[str]) -> None:
         if "cache_mark_flows" in updated:
             self.mark_flows = ctx.options.cache_mark_flows
+        if "stream_large_bodies" in updated:
+            value = getattr(ctx.options, "stream_large_bodies", None)
+            try:
+                self.stream_threshold = human.parse_size(value) if value else None
+            except ValueError:
+                self.stream_threshold = None  # mitmproxy itself refuses the option
         # mitmproxy-notes §0.4: with the default eager strategy a HIT cannot be served while
         # the origin is down (the client connection is closed first). A cache needs lazy.
         if "connection_strategy" in updated and getattr(ctx.options, "connection_strategy", "lazy") != "lazy":
@@ -174,7 +181,7 @@ class HttpCache:
         if length is not None and length < 0:
             length = None  # read until the connection closes
         limit = self.service.settings.max_object_bytes
-        threshold = self._stream_threshold()
+        threshold = self.stream_threshold
         if not (
             resp.stream
             or (length is not None and length > limit)
@@ -198,12 +205,6 @@ class HttpCache:
         resp.headers["X-Cache-Status"] = MISS
         resp.headers["Cache-Status"] = outcome.status.render()
 
-    def _stream_threshold(self) -> int | None:
-        value = getattr(ctx.options, "stream_large_bodies", None)
-        try:
-            return human.parse_size(value) if value else None
-        except ValueError:
-            return None  # mitmproxy itself refuses the option
 
     @staticmethod
     def _add_date(resp: http.Response) -> None:
