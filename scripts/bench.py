@@ -25,6 +25,7 @@ same connection count. Install both tools with ``apt-get install -y nginx wrk``.
     .venv/bin/python scripts/bench.py [--rounds 5] [--seconds 5] [--conns 16] [--size 1024]
         [--only l1,fast-l1] [--before DIR] [--rules 50] [--python-load] [--python-origin]
     .venv/bin/python scripts/bench.py --flood [flood_cold_key.py options]   # origin requests per cold key
+    .venv/bin/python scripts/bench.py --burst [--batches 5]   # 16 concurrent no-store requests, hit-for-pass on/off
 
 A benchmark, not a test: it checks each target answers as expected (HIT/MISS) before measuring,
 and prints a table in the README's format.
@@ -297,6 +298,61 @@ def report(targets: list[Target], rounds: int, how: str) -> None:
             print(f"| {label} | {statistics.median(per_round):.2f} | {spread(per_round, '{:.2f}')} |")
 
 
+# ---------------------------------------------------------------- burst (hit-for-pass)
+
+BURST = 16
+BURST_DELAY_MS = 200
+
+
+async def _burst(port: int, path: str) -> float:
+    """Seconds until all of BURST concurrent requests for ``path`` are answered."""
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30,
+                                 limits=httpx.Limits(max_connections=BURST)) as client:
+        start = time.perf_counter()
+        answers = await asyncio.gather(*(client.get(path) for _ in range(BURST)))
+        elapsed = time.perf_counter() - start
+    if any(a.status_code != 200 for a in answers):
+        raise RuntimeError(f"burst: {[a.status_code for a in answers]}")
+    return elapsed
+
+
+def burst_main(batches: int) -> int:
+    """16 concurrent requests for a ``no-store`` URL behind a 200 ms origin, in batches, with
+    hit-for-pass on (the default) and off (``cache_hit_for_pass=0``: every batch waits behind
+    one request's fetch first), each proxy on a Valkey ring. The first batch finds nothing;
+    later ones find the marker."""
+    from tests.conftest import start_proxy
+    from tests.origin import start_origin
+
+    origin = start_origin()
+    nodes = start_nodes(3)
+    tmp = Path(tempfile.mkdtemp(prefix="mitmcache-burst-"))
+    urls = ",".join(n.url for n in nodes)
+    proxies = {
+        "hit-for-pass": start_proxy(tmp / "on", f"reverse:{origin.url}", f"cache_valkey_urls={urls}", "cache_metrics_port=0"),
+        "off": start_proxy(tmp / "off", f"reverse:{origin.url}", f"cache_valkey_urls={urls}", "cache_metrics_port=0",
+                           "cache_hit_for_pass=0"),
+    }
+    try:
+        print(f"{BURST} concurrent GETs of a no-store URL, origin {BURST_DELAY_MS} ms; seconds per batch "
+              "(first batch: nothing known yet) and origin requests\n")
+        print("| proxy | first batch | later batches, median (min–max) | origin requests |")
+        print("|---|---|---|---|")
+        for name, proxy in proxies.items():
+            path = f"/burst-{name}?cc=no-store&delay={BURST_DELAY_MS}"
+            times = [asyncio.run(_burst(proxy.port, path)) for _ in range(batches)]
+            later = times[1:]
+            print(f"| {name} | {times[0]:.2f} | {statistics.median(later):.2f} ({min(later):.2f}–{max(later):.2f}) "
+                  f"| {origin.count(path)} of {BURST * batches} |")
+    finally:
+        for proxy in proxies.values():
+            proxy.stop()
+        for n in nodes:
+            n.stop()
+        origin.stop()
+    return 0
+
+
 def main() -> int:
     if sys.argv[1:2] == ["_fast_ceiling"]:
         return fast_ceiling_main(sys.argv[2:])
@@ -307,6 +363,9 @@ def main() -> int:
         sys.argv = [str(ROOT / "scripts" / "flood_cold_key.py"), *sys.argv[2:]]
         flood_cold_key.main()
         return 0
+    if sys.argv[1:2] == ["--burst"]:
+        batches = int(sys.argv[3]) if sys.argv[2:3] == ["--batches"] else 5
+        return burst_main(batches)
     if sys.argv[1:2] == ["_origin"]:
         serve_python_origin(int(sys.argv[2]), int(sys.argv[3]))
         return 0

@@ -281,8 +281,14 @@ def _self_signed_context(directory: Path) -> tuple[ssl.SSLContext, Path]:
     return context, cert_file
 
 
+class _Server(ThreadingHTTPServer):
+    # socketserver's default listen backlog is 5: a burst of connections beyond it waits for
+    # SYN retransmits (a second each), which would look like the proxy serialising requests.
+    request_queue_size = 128
+
+
 def start_origin(port: int = 0, tls: bool = False) -> Origin:
-    server = ThreadingHTTPServer(("127.0.0.1", port), _Handler)
+    server = _Server(("127.0.0.1", port), _Handler)
     server.daemon_threads = True
     cert_file = None
     if tls:
