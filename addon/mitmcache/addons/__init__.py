@@ -20,6 +20,7 @@ from ..service import CacheService
 from .admin import Admin
 from .http_cache import HttpCache
 from .policies import Policies
+from .purge import Purge
 from .revalidation import Revalidation
 from .storage import Storage
 from .tracing import Tracing
@@ -29,8 +30,10 @@ def default_addons(service: CacheService) -> list[Any]:
     """The cache's addons in lifecycle order (``Admin`` last: it checks every ``cache_*``
     option is declared)."""
     http_cache = HttpCache(service)
+    purge = Purge(service)
+    http_cache.purge = purge.http  # PURGE requests are answered by the Purge addon
     return [
-        Storage(service), Revalidation(service), Policies(service), Tracing(service), http_cache,
+        Storage(service), Revalidation(service), Policies(service), Tracing(service), purge, http_cache,
         Admin(service, http_cache),
     ]
 

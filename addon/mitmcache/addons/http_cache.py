@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 import weakref
+from collections.abc import Awaitable, Callable
 
 from mitmproxy import ctx, http
 
@@ -73,6 +74,7 @@ class HttpCache:
         self.mark_flows = True
         # Live per-flow state beside the flow, not in flow.metadata (which flow files keep).
         self._exchanges: weakref.WeakKeyDictionary[http.HTTPFlow, Exchange] = weakref.WeakKeyDictionary()
+        self.purge: Callable[[http.HTTPFlow], Awaitable[None]] | None = None  # answers PURGE (addons/purge.py)
 
     def load(self, loader) -> None:  # type: ignore[no-untyped-def]
         loader.add_option(
@@ -94,6 +96,8 @@ class HttpCache:
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None or flow.error is not None:
             return  # already answered by someone else
+        if flow.request.data.method == b"PURGE" and self.purge is not None:
+            return await self.purge(flow)  # answered here, never forwarded
         ex = await self.service.pipeline.request(request_from_flow(flow, self.service.policies))
         if ex.reply is not None:
             flow.response = to_mitmproxy(ex.reply)
@@ -130,6 +134,10 @@ class HttpCache:
         resp = flow.response
         assert resp is not None and outcome.label is not None
         rendered = outcome.status.render()
+        settings = self.service.settings
+        if not settings.tag_passthrough:
+            for name in settings.tag_headers:  # purge tags are stored, not sent on (cache_tag_headers)
+                resp.headers.pop(name, None)
         resp.headers["X-Cache-Status"] = outcome.label
         resp.headers["Cache-Status"] = rendered
         flow.comment = outcome.comment(rendered)
