@@ -69,6 +69,7 @@ class NearCache:
         self.metrics = metrics
         self._drop = drop
         self.enabled = False  # listeners run (L2 configured and cache_l1_invalidation on)
+        self._nodes = 0
         self._coherent: set[str] = set()
         self._generation: dict[str, int] = {}
         self._by_vkey: dict[str, str] = {}  # Valkey key -> L1 key
@@ -78,10 +79,13 @@ class NearCache:
 
     # ------------------------------------------------------------------ state
 
-    def reset(self, enabled: bool) -> None:
-        """A new ring (or coherence switched): nothing is coherent until its listener says so."""
+    def reset(self, enabled: bool, nodes: int = 0) -> None:
+        """A new ring of ``nodes`` nodes (or coherence switched): nothing is coherent until its
+        listener says so."""
         self.enabled = enabled
+        self._nodes = nodes if enabled else 0
         self._coherent.clear()
+        self._gauges()
         self._by_vkey.clear()
         self._placed.clear()
         self._own.clear()
@@ -175,13 +179,19 @@ class NearCache:
     def lost(self, node: str, why: str) -> int:
         """The node's listener is gone: L1 keeps nothing of the node until it is back."""
         self._coherent.discard(node)
+        self._gauges()
         return self.flush(node, why)
 
     def restored(self, node: str) -> int:
         """The node's listener is subscribed again: drop what might have been missed, then trust it."""
         dropped = self.flush(node, "restored")
         self._coherent.add(node)
+        self._gauges()
         return dropped
+
+    def _gauges(self) -> None:
+        self.metrics.listeners.labels("up").set(len(self._coherent))
+        self.metrics.listeners.labels("down").set(max(0, self._nodes - len(self._coherent)))
 
     def flush(self, node: str, why: str) -> int:
         """Drop every L1 entry that maps to ``node`` (and void its round trips in flight)."""

@@ -148,6 +148,10 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
             registry=r,
         )
+        self.listeners = Gauge(
+            "mitmcache_invalidation_listeners", "Invalidation listeners by state (up: subscribed).", ["state"],
+            registry=r,
+        )
         # Purge (purge.py)
         self.purges = Counter(
             "mitmcache_purges", "Purges (HTTP PURGE and commands), by kind and mode.", ["kind", "mode"], registry=r
@@ -169,6 +173,7 @@ class Metrics:
                 self.purges.labels(kind, mode)
         for metric, values in (
             (self.invalidation_drops, INVALIDATION_DROP_CAUSES),
+            (self.listeners, RING_STATES),
             (self.index_full, INDEX_KINDS),
             (self.requests, REQUEST_RESULTS),
             (self.not_stored, NOT_STORED_REASONS),

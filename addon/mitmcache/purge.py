@@ -69,11 +69,11 @@ class Result:
 
 def parse_tag_headers(value: str) -> tuple[str, ...]:
     """``cache_tag_headers``: comma-separated field names, lower-cased. Raises ValueError."""
-    names = tuple(dict.fromkeys(n.strip().lower() for n in value.split(",") if n.strip()))
+    names = [n.strip() for n in value.split(",") if n.strip()]
     for name in names:
-        if not re.fullmatch(r"[a-z0-9!#$%&'*+\-.^_`|~]+", name):
+        if not re.fullmatch(r"[A-Za-z0-9!#$%&'*+\-.^_`|~]+", name):
             raise ValueError(f"not a field name: {name!r}")
-    return names
+    return tuple(dict.fromkeys(n.lower() for n in names))
 
 
 def tags_of(headers: HeaderList, tag_headers: tuple[str, ...]) -> tuple[str, ...]:

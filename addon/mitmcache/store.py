@@ -162,7 +162,7 @@ class TieredStore:
         if old is not None or tier is not None:
             self._l1.clear()
             self._update_gauges()
-        self.near.reset(tier is not None and self.coherence)
+        self.near.reset(tier is not None and self.coherence, len(tier.members()) if tier is not None else 0)
         return old
 
     def set_coherence(self, on: bool) -> None:
