@@ -183,10 +183,13 @@ class Purger:
         store = self.service.store
         purged = pending = 0
         error = None
-        local = store.l1_keys(time.time(), l1_match)
-        if local:
-            p, q = await self._remove(local, soft)
-            purged, pending = purged + p, pending + q
+        if not store.near.enabled:
+            # L1 may hold entries L2's indexes do not list (L1 only, or fallback writes without
+            # coherence). With coherence, deleting what L2 lists drops the copies everywhere.
+            local = await store.l1_keys(time.time(), l1_match)
+            if local:
+                p, q = await self._remove(local, soft)
+                purged, pending = purged + p, pending + q
         try:
             async for batch in store.group_members(group):
                 wanted = [k for k in batch if l2_match(k)]

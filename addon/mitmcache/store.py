@@ -502,14 +502,16 @@ class TieredStore:
             except L2Error as e:
                 log.debug(f"mitmcache: group index cleanup failed ({group}): {e}")
 
-    def l1_keys(self, now: float, match: Callable[[str, Resource], bool]) -> list[str]:
+    async def l1_keys(self, now: float, match: Callable[[str, Resource], bool]) -> list[str]:
         """L1's keys whose entries ``match`` (purge by tag or prefix also reaches entries that
-        only L1 holds: L1-only mode, fallback writes)."""
+        only L1 holds: L1-only mode, fallback writes), in slices (no stall)."""
         out = []
-        for key in self._l1.keys():
+        for i, key in enumerate(self._l1.keys()):
             resource = self._l1.peek(key, now)
             if resource is not None and match(key, resource):
                 out.append(key)
+            if i % 500 == 499:
+                await asyncio.sleep(0)
         return out
 
     def delete_l1(self, keys: list[str]) -> int:

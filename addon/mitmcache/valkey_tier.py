@@ -228,7 +228,7 @@ class ValkeyTier:
     async def group_remove(self, group: str, cache_keys: list[str]) -> None:
         node, key = self._group_key(group)
         members = [k.encode("utf-8", "surrogateescape") for k in cache_keys]
-        await self._run(node, "index", lambda: node.client.srem(key, *members))
+        await self._run(node, "index", lambda: node.client.srem(key, *members))  # type: ignore[arg-type,return-value]
 
     async def purge(self, cache_keys: list[str]) -> tuple[int, int]:
         """Delete on each owner: (keys that existed, keys aimed at down nodes: replayed when

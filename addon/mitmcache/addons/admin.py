@@ -121,6 +121,8 @@ class Admin:
             {
                 **service.store.l1_stats(),
                 "l2_nodes": {name: "up" if up else "down" for name, up in service.store.members().items()},
+                # per node: does L1 keep copies of its keys (invalidation listener subscribed)?
+                "l1_coherent": {name: service.store.near.coherent(name) for name in service.store.members()},
                 "requests": counts,
                 "fetches_in_flight": len(service.coalescer.flights),
                 "revalidations_pending": len(service.revalidator.in_progress),

@@ -16,15 +16,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import time
+from collections.abc import Coroutine
+from typing import Any
 
 from mitmproxy import command, ctx, exceptions, http
 
 from ..purge import DEFAULT_ALLOW, DEFAULT_TAG_HEADERS, Access, Result, parse_tag_headers, tags_of
 from ..service import CacheService
 from .config import reject_unparsable, report_option_errors, spawn
-from .http_cache import request_from_flow
 from .admin import url_keys
+from .http_cache import request_from_flow
 
 log = logging.getLogger("mitmcache")
 
@@ -112,41 +113,33 @@ class Purge:
 
     # ------------------------------------------------------------------ commands
 
-    def _background(self, what: str, coro) -> None:  # type: ignore[no-untyped-def]
+    def _background(self, what: str, coro: Coroutine[Any, Any, Result]) -> str:
+        """Commands cannot wait for Valkey without stalling the proxy: the purge runs in the
+        background and its result is logged (``mitmcache: purge …: {"purged": N, …}``)."""
+
         async def run() -> None:
-            result: Result = await coro
+            result = await coro
             log.info(f"mitmcache: purge {what}: {json.dumps(result.body())}")
 
         spawn(run(), f"purge {what}")
+        return f"purging {what} across the cluster; the count is logged"
 
     @command.command("cache.purge.tag")
-    def purge_tag(self, tag: str) -> int:
-        """Drop every entry stored with this tag (Surrogate-Key/Cache-Tag), across the cluster;
-        returns how many this proxy's L1 held (Valkey is purged in the background, logged)."""
-        store, tag_headers = self.service.store, self.service.settings.tag_headers
-        held = store.l1_keys(time.time(), lambda k, r: any(tag in tags_of(v.headers, tag_headers) for v in r.variants))
-        store.delete_l1(held)
-        self._background(f"tag {tag!r}", self.service.purger.tag(tag))
-        return len(held)
+    def purge_tag(self, tag: str) -> str:
+        """Drop every entry stored with this tag (Surrogate-Key/Cache-Tag), across the cluster
+        (in the background; the count is logged)."""
+        return self._background(f"tag {tag!r}", self.service.purger.tag(tag))
 
     @command.command("cache.purge.prefix")
-    def purge_prefix(self, prefix: str) -> int:
+    def purge_prefix(self, prefix: str) -> str:
         """Drop every entry whose URL starts with this absolute URL prefix (the origin's, or in
-        reverse mode the one clients use); returns how many this proxy's L1 held."""
+        reverse mode the one clients use), across the cluster (in the background; logged)."""
         keys = [self.service.keys.base(k) for k in url_keys(self.service, prefix, include_given=False, policy=False)]
-        store, n = self.service.store, 0
-        for key in keys:
-            held = store.l1_keys(time.time(), lambda k, r, p=key: k.startswith(p))  # type: ignore[misc]
-            n += store.delete_l1(held)
-            self._background(f"prefix {key!r}", self.service.purger.prefix(key))
-        return n
+        return "; ".join(self._background(f"prefix {k!r}", self.service.purger.prefix(k)) for k in keys)
 
     @command.command("cache.purge.soft")
-    def purge_soft(self, url: str) -> int:
+    def purge_soft(self, url: str) -> str:
         """Mark every variant of a URL stale (soft purge: stale-while-revalidate and
-        stale-if-error still apply); returns how many keys this proxy's L1 held."""
+        stale-if-error still apply), across the cluster (in the background; logged)."""
         keys = list(dict.fromkeys(self.service.keys.base(k) for k in url_keys(self.service, url)))
-        now, store = time.time(), self.service.store
-        held = sum(1 for k in keys if store.peek(k, now) is not None)
-        self._background(f"soft {url!r}", self.service.purger.urls(keys, soft=True))
-        return held
+        return self._background(f"soft {url!r}", self.service.purger.urls(keys, soft=True))
