@@ -24,12 +24,10 @@ import logging
 import math
 import random
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from enum import Enum
-from collections.abc import AsyncIterator
 from typing import Any, Protocol
-
-from collections.abc import Callable
 
 from . import codec
 from .coherence import NearCache
@@ -137,6 +135,9 @@ class TieredStore:
         self._indexes: dict[str, set[str]] = {}
         # Coherence of L1 with L2 (listeners run when L2 is attached and coherence is on).
         self.coherence = True
+        # Seconds L1 may keep this proxy's own write of a key whose node is unreachable (no
+        # listener can tell it about changes): protects the origin while bounding staleness.
+        self.l1_fallback_ttl = 5.0
         self.near = NearCache(metrics, self.delete_l1)
         self._l1: ByteLRU[Resource] = ByteLRU(
             l1_max_bytes,
@@ -290,7 +291,7 @@ class TieredStore:
                 else:
                     self._near_cache(key, resource, now, near)
                 return resource
-        return resource if self._l1_set(key, resource, retain, now) else None
+        return resource if self._l1_set(key, resource, retain, now, fallback=True) else None
 
     async def _group_add(self, groups: tuple[str, ...], key: str, retain: float, now: float) -> None:
         assert self._l2 is not None
@@ -315,13 +316,17 @@ class TieredStore:
         if near > 0:
             self._l1_set(key, resource, min(now + near, resource.retain_until()), now)
 
-    def _l1_set(self, key: str, resource: Resource, expires_at: float, now: float) -> bool:
+    def _l1_set(self, key: str, resource: Resource, expires_at: float, now: float, fallback: bool = False) -> bool:
+        """Keep ``resource`` in L1 until ``expires_at``. While the key's node has no
+        invalidation listener, a copy of L2 state is refused, and a ``fallback`` write (L2
+        refused it) is kept at most ``l1_fallback_ttl`` seconds; the listener's return drops it."""
         placed = self._l2.placement(key) if self._l2 is not None and self.near.enabled else None
         if placed is not None and not self.near.coherent(placed[0]):
-            # Nobody could tell this proxy about a change to the key: keep no copy (coherence).
-            self._l1.delete(key)
-            self._update_gauges()
-            return False
+            if not fallback or self.l1_fallback_ttl <= 0:
+                self._l1.delete(key)
+                self._update_gauges()
+                return False
+            expires_at = min(expires_at, now + self.l1_fallback_ttl)
         stored = self._l1.set(key, resource, resource.cost(), expires_at, now)
         if stored:
             self.metrics.stores.labels("l1").inc()

@@ -6,6 +6,10 @@ every ``PROBE_INTERVAL`` seconds and re-admits it on the first answer. Deletes a
 node are remembered and replayed when it returns, so invalidations are not lost (W11).
 Every operation is bounded by the configured timeout; callers turn any L2Error into an L1
 fallback, never into a client error.
+
+Besides the values (``<prefix>:r1:<digest>``), leases and the per-URL key index, each node holds
+the purge groups it owns (``<prefix>:grp:<digest>``: a set per tag and per origin, purge.py)
+and one invalidation listener connection per proxy (coherence.py).
 """
 
 from __future__ import annotations

@@ -115,10 +115,17 @@ async def test_restarted_node_leaves_no_copy_of_its_keys(
     assert in_l1(b.store, key)
     victim.stop()
     await until(lambda: not in_l1(b.store, key), "copy of a dead node's key survived")
+    b.store.l1_fallback_ttl = 0
     await b.store.put(key, entry(), time.time())  # L2 down and no listener: L1 keeps nothing
     assert not in_l1(b.store, key)
+    b.store.l1_fallback_ttl = 5
+    now = time.time()
+    await b.store.put(key, entry(b"fallback"), now)  # ... or its own write, for a few seconds
+    assert in_l1(b.store, key)
+    assert b.store.peek(key, now + 4.9) is not None and b.store.peek(key, now + 5.1) is None
     victim.start()
     await until(lambda: coherent_everywhere(b.store), "listener never came back")
+    assert not in_l1(b.store, key)  # the listener's return dropped the fallback copy
 
 
 async def test_get_racing_with_an_invalidation_keeps_no_copy(pair: tuple[CacheService, CacheService]) -> None:

@@ -26,7 +26,7 @@ L2_OPTIONS = {
 # With invalidation listeners an L1 copy is dropped within milliseconds of any change in Valkey;
 # the TTL only bounds the damage of an invalidation lost on a connection that still answers PING.
 DEFAULT_L1_TTL = 600
-INT_OPTIONS = ("cache_heuristic_max", "cache_l1_ttl", "cache_valkey_timeout_ms")
+INT_OPTIONS = ("cache_heuristic_max", "cache_l1_ttl", "cache_valkey_timeout_ms", "cache_l1_fallback_ttl")
 
 
 class Storage:
@@ -72,6 +72,11 @@ class Storage:
             "Keep L1 coherent with Valkey: one invalidation listener per node (CLIENT TRACKING "
             "BCAST) drops L1 copies of keys changed anywhere. Off: copies live up to cache_l1_ttl.",
         )
+        loader.add_option(
+            "cache_l1_fallback_ttl", int, 5,
+            "Seconds L1 keeps a response Valkey could not take while its node's invalidation "
+            "listener is down too (0 = none: every request for that node's keys goes to the origin).",
+        )
         loader.add_option("cache_key_prefix", str, "mitmcache", "Namespace of every key written to Valkey.")
         loader.add_option(
             "cache_valkey_tls_ca", str, "",
@@ -105,6 +110,8 @@ class Storage:
         service.settings = settings
         if "cache_l1_ttl" in updated:
             service.store.set_l1_ttl(float(at_least("cache_l1_ttl", 0)))
+        if "cache_l1_fallback_ttl" in updated:
+            service.store.l1_fallback_ttl = float(at_least("cache_l1_fallback_ttl", 0))
         if updated & L2_OPTIONS:
             self._configure_l2()
 
