@@ -35,8 +35,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import valkey.asyncio as valkey_async
-from valkey.exceptions import ValkeyError
-
 from .metrics import Metrics
 
 log = logging.getLogger("mitmcache")
@@ -221,6 +219,7 @@ class Listener:
         self._task: asyncio.Task[None] | None = None
         self._conn: Any = None
         self.subscribed = False
+        self._warned = False
 
     def start(self) -> None:
         if self._task is None:
@@ -252,14 +251,17 @@ class Listener:
                 delay = RECONNECT_DELAY
                 self._near.restored(self.name)
                 self.subscribed = True
+                self._warned = False
                 await self._read()
-            except asyncio.CancelledError:
-                raise
-            except (TimeoutError, ValkeyError, OSError, ListenerLost) as e:
+            except Exception as e:  # whatever it was, the node's copies can no longer be trusted
                 why = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
                 if self.subscribed:
                     log.warning(f"mitmcache: invalidation listener of {self.name} lost ({why}); "
                                 "its keys skip L1 until it is back")
+                elif not self._warned:
+                    log.warning(f"mitmcache: invalidation listener of {self.name} cannot subscribe ({why}); "
+                                "its keys skip L1 until it can")
+                self._warned = True
                 self.subscribed = False
                 self._near.lost(self.name, why)
                 await self._disconnect()
