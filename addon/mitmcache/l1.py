@@ -32,12 +32,15 @@ class ByteLRU(Generic[V]):
         max_bytes: int,
         on_evict: Callable[[int], None] | None = None,
         on_oversized: Callable[[], None] | None = None,
+        on_remove: Callable[[str], None] | None = None,
     ) -> None:
         self.max_bytes = max_bytes
         self._slots: OrderedDict[str, _Slot[V]] = OrderedDict()
         self._bytes = 0
         self._on_evict = on_evict or (lambda n: None)
         self._on_oversized = on_oversized or (lambda: None)
+        # Told every key that leaves (deleted, evicted, expired, replaced, cleared).
+        self._on_remove = on_remove or (lambda key: None)
 
     def __len__(self) -> int:
         return len(self._slots)
@@ -96,6 +99,8 @@ class ByteLRU(Generic[V]):
 
     def clear(self) -> int:
         n = len(self._slots)
+        for key in self._slots:
+            self._on_remove(key)
         self._slots.clear()
         self._bytes = 0
         return n
@@ -124,3 +129,4 @@ class ByteLRU(Generic[V]):
     def _remove(self, key: str) -> None:
         slot = self._slots.pop(key)
         self._bytes -= slot.cost
+        self._on_remove(key)

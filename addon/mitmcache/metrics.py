@@ -29,10 +29,17 @@ STORE_TIERS = ("l1", "l2")
 BAD_INPUT_KINDS = ("cache-control", "date", "expires", "last-modified", "age", "valkey-value", "304-mismatch")
 # Every Cache-Status reason for not storing (NotStorable), plus the addon's own "no-freshness"
 # (an entry whose retention already ended) and "too-large-for-l1".
-NOT_STORED_REASONS = tuple(dict.fromkeys([*(r.value for r in NotStorable), "no-freshness", "too-large-for-l1"]))
+NOT_STORED_REASONS = tuple(
+    dict.fromkeys([*(r.value for r in NotStorable), "no-freshness", "too-large-for-l1", "l2-down"])
+)
 VALKEY_OPS = ("get", "set", "delete", "lease", "release", "poll", "index")
 RING_STATES = ("up", "down")
 HIT_FOR_PASS_EVENTS = ("marked", "passed", "ended")
+# Near-cache coherence and purge (coherence.py, purge.py).
+INVALIDATION_DROP_CAUSES = ("key", "flush")  # one key invalidated / every key of a node whose listener was lost
+PURGE_KINDS = ("url", "tag", "prefix")
+PURGE_MODES = ("hard", "soft")
+INDEX_KINDS = ("tag", "host")
 
 
 class Metrics:
@@ -125,7 +132,57 @@ class Metrics:
             ["event"],
             registry=r,
         )
+        # Near-cache coherence (coherence.py)
+        self.invalidations_received = Counter(
+            "mitmcache_l1_invalidations_received",
+            "Key invalidations received from Valkey (CLIENT TRACKING), own writes' echoes included.", registry=r,
+        )
+        self.invalidation_drops = Counter(
+            "mitmcache_l1_invalidation_drops",
+            "L1 entries dropped by invalidations (key) or because a node's listener was lost or restored (flush).",
+            ["cause"], registry=r,
+        )
+        self.listener_reconnects = Counter(
+            "mitmcache_invalidation_listener_reconnects", "Invalidation listeners subscribed again after a loss.",
+            registry=r,
+        )
+        self.listener_flushes = Counter(
+            "mitmcache_invalidation_listener_flushes",
+            "Times every L1 entry of one node was dropped (listener lost, restored, or node flushed).", registry=r,
+        )
+        self.invalidation_delay = Histogram(
+            "mitmcache_invalidation_delay_seconds",
+            "From sending a write to Valkey to receiving its invalidation (the channel every proxy hears).",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=r,
+        )
+        self.listeners = Gauge(
+            "mitmcache_invalidation_listeners", "Invalidation listeners by state (up: subscribed).", ["state"],
+            registry=r,
+        )
+        # Purge (purge.py)
+        self.purges = Counter(
+            "mitmcache_purges", "Purges (HTTP PURGE and commands), by kind and mode.", ["kind", "mode"], registry=r
+        )
+        self.purged_keys = Counter(
+            "mitmcache_purged_keys", "Cache keys removed or marked stale by purges, by kind.", ["kind"], registry=r
+        )
+        self.purge_denied = Counter(
+            "mitmcache_purge_denied", "PURGE requests refused (address not allowed, or token missing/wrong).",
+            registry=r,
+        )
+        self.index_full = Counter(
+            "mitmcache_index_full",
+            "Entries not recorded in a full purge index (a tag or a host with too many URLs).", ["index"], registry=r,
+        )
+        for kind in PURGE_KINDS:
+            self.purged_keys.labels(kind)
+            for mode in PURGE_MODES:
+                self.purges.labels(kind, mode)
         for metric, values in (
+            (self.invalidation_drops, INVALIDATION_DROP_CAUSES),
+            (self.listeners, RING_STATES),
+            (self.index_full, INDEX_KINDS),
             (self.requests, REQUEST_RESULTS),
             (self.hit_for_pass, HIT_FOR_PASS_EVENTS),
             (self.not_stored, NOT_STORED_REASONS),

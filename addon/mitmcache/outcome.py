@@ -38,6 +38,10 @@ WHY = {
     "vary-star": "Vary: * can never match a later request (RFC 9110 §12.5.5)",
     "too-large": "the body exceeds cache_max_object_bytes",
     "too-large-for-l1": "the entry alone exceeds cache_l1_max_bytes and L2 did not take it",
+    "l2-down": (
+        "Valkey could not take it, and L1 keeps no copy of a key whose node's invalidation listener "
+        "is lost (cache_l1_fallback_ttl=0)"
+    ),
     "no-freshness": (
         "no freshness: no max-age, s-maxage or Expires, and no heuristic (that needs a heuristically "
         "cacheable status and a Last-Modified older than Date), or no lifetime left (RFC 9111 §3, §4.2.2)"

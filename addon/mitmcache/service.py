@@ -23,6 +23,7 @@ from .metrics import Metrics
 from .outcome import MetricsObserver, Observer, Outcome, Revalidation
 from .pipeline import Pipeline
 from .policy import Policy, PolicySet
+from .purge import Purger, groups_for, tags_of
 from .revalidate import Revalidator
 from .semantics import StoredResponse
 from .store import HitForPass, Resource, TieredStore
@@ -53,6 +54,10 @@ class Settings:
     hit_for_pass: float = 10.0  # seconds a URL whose answer could not be stored is passed (0: never)
     # RFC 9213 target list: targeted fields that replace Cache-Control/Expires, in precedence order.
     targets: tuple[str, ...] = ("mitmcache-cache-control", sem.CDN_CACHE_CONTROL)
+    # Fields naming a response's purge tags (lower case; cache_tag_headers), and whether
+    # clients get them (cache_tag_headers_passthrough).
+    tag_headers: tuple[str, ...] = ("surrogate-key", "cache-tag")
+    tag_passthrough: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +84,7 @@ class CacheService:
         # Which rule applies to a URL outside a flow (§4.4 targets, purge): set by the Policies addon.
         self.policy_for_url: Callable[[str, Headers], Policy | None] = lambda url, headers: None
         self.pipeline = Pipeline(self)
+        self.purger = Purger(self)
         self._bad_input_logged: dict[str, float] = {}
 
     # ------------------------------------------------------------------ the store path
@@ -157,12 +163,15 @@ class CacheService:
                 await self._mark_pass(key, response, sem.NotStorable.NOT_CACHEABLE, now)
             return Admission(None, None, sem.NotStorable.NOT_CACHEABLE.value)
         url_key = self.keys.base(key)
+        tags = tags_of(entry.headers, settings.tag_headers)
         resource = await self.store.put(
             key, entry, now, base=base, l1_ttl=policy.l1_ttl if policy else None,
-            index=url_key if url_key != key else None,
+            index=url_key if url_key != key else None, groups=groups_for(key, tags),
         )
         if resource is None:
-            return Admission(entry, None, "too-large-for-l1")
+            # L2 did not take it, and L1 either cannot hold it or may not (its node's
+            # invalidation listener is lost: no copy it could not keep coherent).
+            return Admission(entry, None, "too-large-for-l1" if self.store.l1_coherent(key) else "l2-down")
         return Admission(entry, resource)
 
     async def _mark_pass(self, key: str, response: Response, reason: sem.NotStorable, now: float) -> None:

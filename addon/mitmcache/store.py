@@ -13,6 +13,8 @@ Tier rules (spec §4):
   it never becomes a client error.
 - when a node comes back, L1 copies of its keys are dropped: they may be fallback writes that
   would otherwise shadow newer L2 state (W28).
+- coherence (``coherence.py``): with listeners on, every L1 copy knows its node and Valkey key;
+  an invalidation from Valkey drops it, and a node whose listener is lost keeps no L1 copies.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ import logging
 import math
 import random
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Protocol
 
 from . import codec
+from .coherence import NearCache
 from .l1 import ByteLRU
 from .metrics import Metrics
 from .semantics import StoredResponse
@@ -40,6 +44,9 @@ MAX_VARIANTS = 16
 MAX_INDEXED = 10000
 # Hit-for-pass markers L1 remembers (oldest dropped first; L2 keeps its own until they expire).
 MAX_PASSES = 65536
+# Bytes the coherence bookkeeping of one L1 entry costs (its placement in NearCache; measured
+# with tracemalloc: ~220), counted in L1's budget.
+PLACEMENT_COST = 220
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +113,18 @@ class SharedTier(Protocol):
 
     async def index_pop(self, base: str) -> list[str]: ...
 
+    def placement(self, cache_key: str) -> tuple[str, str]: ...  # (node name, Valkey key)
+
+    async def group_add(self, group: str, cache_key: str, ttl_ms: int) -> bool: ...
+
+    def group_scan(self, group: str) -> AsyncIterator[list[str]]: ...
+
+    async def group_remove(self, group: str, cache_keys: list[str]) -> None: ...
+
+    async def purge(self, cache_keys: list[str]) -> tuple[int, int]: ...
+
+    def start_listeners(self, near: NearCache) -> None: ...
+
     async def acquire_lease(self, cache_key: str, token: str, ttl_ms: int, variant: str = "") -> bool: ...
 
     async def release_lease(self, cache_key: str, token: str, variant: str = "") -> None: ...
@@ -133,10 +152,17 @@ class TieredStore:
         self._indexes: dict[str, set[str]] = {}
         self._passes: dict[str, HitForPass] = {}
         self._decoded = codec.DecodeMemo()
+        # Coherence of L1 with L2 (listeners run when L2 is attached and coherence is on).
+        self.coherence = True
+        # Seconds L1 may keep this proxy's own write of a key whose node is unreachable (no
+        # listener can tell it about changes): protects the origin while bounding staleness.
+        self.l1_fallback_ttl = 5.0
+        self.near = NearCache(metrics, self.delete_l1)
         self._l1: ByteLRU[Resource] = ByteLRU(
             l1_max_bytes,
             on_evict=lambda n: metrics.lru_evictions.inc(n),
             on_oversized=metrics.lru_oversized.inc,
+            on_remove=self.near.removed,
         )
 
     # ------------------------------------------------------------------ configuration
@@ -150,9 +176,24 @@ class TieredStore:
         self.l1_ttl = seconds
 
     def attach_l2(self, tier: SharedTier | None) -> SharedTier | None:
-        """Use ``tier`` as L2 (None: L1 only); returns the previous tier for the caller to close."""
+        """Use ``tier`` as L2 (None: L1 only); returns the previous tier for the caller to close.
+        L1 starts over: its copies belonged to the old ring."""
         old, self._l2 = self._l2, tier
+        if old is not None or tier is not None:
+            self._l1.clear()
+            self._update_gauges()
+        self.near.reset(tier is not None and self.coherence, len(tier.members()) if tier is not None else 0)
         return old
+
+    def set_coherence(self, on: bool) -> None:
+        """Invalidation listeners on or off (``cache_l1_invalidation``); takes effect with the
+        next ``attach_l2`` (the Storage addon re-attaches)."""
+        self.coherence = on
+
+    def start_coherence(self) -> None:
+        """Start the invalidation listeners (needs the running loop; idempotent)."""
+        if self._l2 is not None and self.near.enabled:
+            self._l2.start_listeners(self.near)
 
     @property
     def l2(self) -> SharedTier | None:
@@ -194,12 +235,16 @@ class TieredStore:
                 return Lookup(resource, "l1")
         if self._l2 is None:
             return None
+        node, vkey = self._l2.placement(key)
+        flight = self.near.begin(vkey, node)
         try:
             data = await self._l2.get(key)
         except L2Error as e:
+            self.near.end(flight)
             self.metrics.valkey_get_fallback.inc()
             log.debug(f"mitmcache: L2 get fell back to L1: {e}")
             return None
+        keep = self.near.end(flight)  # False: invalidated while the GET was on its way
         if data is None:
             self.metrics.valkey_miss.inc()
             return None
@@ -212,7 +257,8 @@ class TieredStore:
             self._remember_pass(key, resource)
             return resource
         self.metrics.l2_hits.inc()
-        self._near_cache(key, resource, now, l1_ttl)
+        if keep:
+            self._near_cache(key, resource, now, l1_ttl)
         return Lookup(resource, "l2")
 
     # ------------------------------------------------------------------ write
@@ -225,36 +271,76 @@ class TieredStore:
         base: Resource | None = None,
         l1_ttl: float | None = None,
         index: str | None = None,
+        groups: tuple[str, ...] = (),
     ) -> Resource | None:
         """Store one variant next to the URL's other variants (``base``: what the request saw).
 
         ``l1_ttl``: this entry's near-cache bound in seconds (an operator rule), else the
         store's. ``index``: the URL's key when ``key`` also holds request values (an operator
-        rule's key_headers), so that invalidating the URL reaches it. Returns the stored
-        resource, or None if no tier kept it.
+        rule's key_headers), so that invalidating the URL reaches it. ``groups``: the purge
+        groups listing the key (``tag:…``, ``host:…``). Returns the stored resource, or None if
+        no tier kept it.
         """
         current = base or self._l1.peek(key, now)
         resource = current.with_variant(entry) if current else Resource((entry,))
+        return await self.write(key, resource, now, l1_ttl, index, groups)
+
+    async def write(
+        self,
+        key: str,
+        resource: Resource,
+        now: float,
+        l1_ttl: float | None = None,
+        index: str | None = None,
+        groups: tuple[str, ...] = (),
+    ) -> Resource | None:
+        """Write a whole resource to both tiers (``put``; soft purge rewrites through here).
+        ``groups``: the purge groups (tags, host) that list the key in L2."""
         self._passes.pop(key, None)  # a storable answer ends hit-for-pass (L2: overwritten below)
         retain = resource.retain_until()
         if index is not None:
             await self._index(index, key, retain, now)
         if self._l2 is not None:
+            node, vkey = self._l2.placement(key)
+            flight = self.near.begin(vkey, node)
+            self.near.expect_own(vkey)  # our own SET must not evict the copy we keep
+            write = self._l2.set(key, codec.encode(resource.variants, key), math.ceil((retain - now) * 1000))
             try:
-                await self._l2.set(key, codec.encode(resource.variants, key), math.ceil((retain - now) * 1000))
+                if groups:  # the purge indexes are written alongside (other nodes, same time)
+                    await asyncio.gather(write, self._group_add(groups, key, retain, now))
+                else:
+                    await write
             except L2Error as e:
+                self.near.cancel_own(vkey)
+                self.near.end(flight)
                 self.metrics.valkey_set_fallback.inc()
                 log.debug(f"mitmcache: L2 set fell back to L1: {e}")
             else:
                 self.metrics.stores.labels("l2").inc()
                 near = self.l1_ttl if l1_ttl is None else l1_ttl
-                if near <= 0:
-                    self._l1.delete(key)  # L1 only as fallback: never shadow L2
+                if near <= 0 or not self.near.end(flight):
+                    self._l1.delete(key)  # L1 only as fallback, or invalidated meanwhile: never shadow L2
                     self._update_gauges()
                 else:
                     self._near_cache(key, resource, now, near)
                 return resource
-        return resource if self._l1_set(key, resource, retain, now) else None
+        return resource if self._l1_set(key, resource, retain, now, fallback=True) else None
+
+    async def _group_add(self, groups: tuple[str, ...], key: str, retain: float, now: float) -> None:
+        assert self._l2 is not None
+        ttl_ms = math.ceil((retain - now) * 1000)
+        results = await asyncio.gather(
+            *(self._l2.group_add(g, key, ttl_ms) for g in groups), return_exceptions=True
+        )
+        for group, result in zip(groups, results):
+            if isinstance(result, L2Error):
+                log.debug(f"mitmcache: L2 group index add failed ({group}): {result}")
+            elif result is False:
+                kind = group.partition(":")[0]
+                self.metrics.index_full.labels(kind if kind in ("tag", "host") else "tag").inc()
+                log.warning(f"mitmcache: purge index {group!r} is full; {key!r} is purgeable by URL only")
+            elif isinstance(result, BaseException):
+                raise result
 
     def _near_cache(self, key: str, resource: Resource, now: float, l1_ttl: float | None = None) -> None:
         """Keep a copy of what L2 holds in L1 for at most ``l1_ttl`` seconds (never past the
@@ -263,10 +349,23 @@ class TieredStore:
         if near > 0:
             self._l1_set(key, resource, min(now + near, resource.retain_until()), now)
 
-    def _l1_set(self, key: str, resource: Resource, expires_at: float, now: float) -> bool:
-        stored = self._l1.set(key, resource, resource.cost(), expires_at, now)
+    def _l1_set(self, key: str, resource: Resource, expires_at: float, now: float, fallback: bool = False) -> bool:
+        """Keep ``resource`` in L1 until ``expires_at``. While the key's node has no
+        invalidation listener, a copy of L2 state is refused, and a ``fallback`` write (L2
+        refused it) is kept at most ``l1_fallback_ttl`` seconds; the listener's return drops it."""
+        placed = self._l2.placement(key) if self._l2 is not None and self.near.enabled else None
+        if placed is not None and not self.near.coherent(placed[0]):
+            if not fallback or self.l1_fallback_ttl <= 0:
+                self._l1.delete(key)
+                self._update_gauges()
+                return False
+            expires_at = min(expires_at, now + self.l1_fallback_ttl)
+        cost = resource.cost() + (PLACEMENT_COST if placed is not None else 0)
+        stored = self._l1.set(key, resource, cost, expires_at, now)
         if stored:
             self.metrics.stores.labels("l1").inc()
+            if placed is not None:
+                self.near.placed(key, *placed)
         self._update_gauges()
         return stored
 
@@ -290,6 +389,12 @@ class TieredStore:
         if key not in self._passes and len(self._passes) >= MAX_PASSES:
             del self._passes[next(iter(self._passes))]  # the oldest
         self._passes[key] = HitForPass(marker.until, marker.reason, "l1")
+
+    def l1_coherent(self, key: str) -> bool:
+        """May L1 hold ``key`` now? (False while its node's invalidation listener is lost.)"""
+        if self._l2 is None or not self.near.enabled:
+            return True
+        return self.near.coherent(self._l2.placement(key)[0])
 
     def _decode(self, key: str, data: bytes) -> Resource | HitForPass | None:
         try:
@@ -336,17 +441,22 @@ class TieredStore:
         if self._l2 is None:
             return None, "unavailable"
         deadline = time.monotonic() + timeout
+        node, vkey = self._l2.placement(key)
         while True:
+            flight = self.near.begin(vkey, node)
             try:
                 data, held = await self._l2.poll_fill(key, variant)
             except L2Error:
+                self.near.end(flight)
                 return None, "unavailable"
+            keep = self.near.end(flight)
             if data is not None:
                 resource = self._decode(key, data)
                 if isinstance(resource, HitForPass):
                     return None, "released"  # that fetch was not shareable: fetch ourselves now
                 if resource is not None and max(v.response_time for v in resource.variants) > newest_known:
-                    self._near_cache(key, resource, time.time())
+                    if keep:
+                        self._near_cache(key, resource, time.time())
                     return resource, "filled"
             if not held:
                 return None, "released"
@@ -394,6 +504,81 @@ class TieredStore:
         removed = self.delete_l1(keys)
         await self.delete_l2(keys)
         return removed
+
+    # ------------------------------------------------------------------ purge (purge.py drives these)
+
+    async def purge(self, keys: list[str]) -> tuple[int, int]:
+        """Delete ``keys`` (and the keys their URL index records) in both tiers: (keys that
+        were cached, in L2 or else in L1; keys aimed at down nodes, deleted when they return).
+        Other proxies' L1 copies go through their invalidation listeners."""
+        keys = await self.expand(keys)
+        in_l1 = self.delete_l1(keys)
+        if self._l2 is None:
+            return in_l1, 0
+        deleted, pending = await self._l2.purge(keys)
+        return max(deleted, in_l1), pending
+
+    async def soft_purge(self, keys: list[str], now: float, expire: Callable[[Any, float], Any]) -> tuple[int, int]:
+        """Mark every variant of ``keys`` (and their indexed keys) stale with ``expire(entry,
+        now)`` and write them back, so stale-while-revalidate / stale-if-error still apply;
+        an entry with nothing left to be stale for is deleted. A key whose node is down is
+        deleted when it returns (a soft purge degrades to a hard one). Returns as ``purge``."""
+        keys = await self.expand(keys)
+        done = pending = 0
+        for key in keys:
+            resource: Resource | None = None
+            if self._l2 is not None:
+                try:
+                    data = await self._l2.get(key)
+                except L2Error:
+                    self._l1.delete(key)
+                    d, p = await self._l2.purge([key])
+                    done, pending = done + d, pending + p
+                    continue
+                decoded = self._decode(key, data) if data is not None else None
+                resource = decoded if isinstance(decoded, Resource) else None  # a marker: nothing stored
+            else:
+                resource = self._l1.peek(key, now)
+            if resource is None:
+                self._l1.delete(key)
+                continue
+            stale = Resource(tuple(expire(v, now) for v in resource.variants))
+            done += 1
+            if stale.retain_until() <= now:
+                self._l1.delete(key)
+                if self._l2 is not None:
+                    pending += (await self._l2.purge([key]))[1]
+            else:
+                await self.write(key, stale, now)
+        self._update_gauges()
+        return done, pending
+
+    async def group_members(self, group: str) -> AsyncIterator[list[str]]:
+        """The keys L2 lists under a purge group, in batches (nothing without L2).
+        Raises L2Error when the group's node cannot answer."""
+        if self._l2 is None:
+            return
+        async for batch in self._l2.group_scan(group):
+            yield batch
+
+    async def group_forget(self, group: str, keys: list[str]) -> None:
+        if self._l2 is not None and keys:
+            try:
+                await self._l2.group_remove(group, keys)
+            except L2Error as e:
+                log.debug(f"mitmcache: group index cleanup failed ({group}): {e}")
+
+    async def l1_keys(self, now: float, match: Callable[[str, Resource], bool]) -> list[str]:
+        """L1's keys whose entries ``match`` (purge by tag or prefix also reaches entries that
+        only L1 holds: L1-only mode, fallback writes), in slices (no stall)."""
+        out = []
+        for i, key in enumerate(self._l1.keys()):
+            resource = self._l1.peek(key, now)
+            if resource is not None and match(key, resource):
+                out.append(key)
+            if i % 500 == 499:
+                await asyncio.sleep(0)
+        return out
 
     def delete_l1(self, keys: list[str]) -> int:
         for key in keys:

@@ -6,6 +6,10 @@ every ``PROBE_INTERVAL`` seconds and re-admits it on the first answer. Deletes a
 node are remembered and replayed when it returns, so invalidations are not lost (W11).
 Every operation is bounded by the configured timeout; callers turn any L2Error into an L1
 fallback, never into a client error.
+
+Besides the values (``<prefix>:r1:<digest>``), leases and the per-URL key index, each node holds
+the purge groups it owns (``<prefix>:grp:<digest>``: a set per tag and per origin, purge.py)
+and one invalidation listener connection per proxy (coherence.py).
 """
 
 from __future__ import annotations
@@ -13,13 +17,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import valkey.asyncio as valkey_async
 import xxhash
 from valkey.exceptions import ValkeyError
 
+from .coherence import Listener, NearCache
 from .metrics import VALKEY_OPS, Metrics
 from .ring import NodeAddress, Ring
 
@@ -42,6 +47,22 @@ if left == -1 or left > tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[1], AR
 return 0
 """
 
+# Add one member to a bounded group set (tags, a host's URLs); the set lives as long as its
+# longest-lived member. Returns 1 added, 0 already there, -1 full.
+_GROUP_ADD_LUA = """
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 and redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[3]) then
+    return -1
+end
+local added = redis.call('SADD', KEYS[1], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2], 'GT')
+redis.call('PEXPIRE', KEYS[1], ARGV[2], 'NX')
+return added
+"""
+
+# Members per group set: a tag or a host names at most this many URLs (more are counted in
+# mitmcache_index_full_total and stay purgeable by URL only).
+MAX_GROUP_MEMBERS = 100_000
+
 _RELEASE_LUA = """
 if redis.call('get', KEYS[1]) == ARGV[1] then
     return redis.call('del', KEYS[1])
@@ -61,14 +82,19 @@ class Node:
         tls: dict[str, Any] = {}
         if address.tls:
             # valkeys://: verify the server's certificate and name, against tls_ca if given.
-            tls = {"ssl": True, "ssl_cert_reqs": "required", "ssl_check_hostname": True, "ssl_ca_certs": tls_ca}
+            tls = {"ssl_cert_reqs": "required", "ssl_check_hostname": True, "ssl_ca_certs": tls_ca}
+        # What the invalidation listener's own connection needs (coherence.Listener).
+        self.connect_kwargs: dict[str, Any] = dict(
+            host=address.host, port=address.port, db=address.db, username=address.username,
+            password=address.password, socket_connect_timeout=max(timeout, 0.5), **tls,
+        )
         self.client = valkey_async.Valkey(
             host=address.host,
             port=address.port,
             db=address.db,
             username=address.username,
             password=address.password,
-            **tls,
+            **({"ssl": True, **tls} if address.tls else {}),
             # Each call is bounded by asyncio.wait_for (scaled for large values); the socket
             # timeout is only a backstop.
             socket_timeout=max(1.0, timeout * 10),
@@ -80,6 +106,7 @@ class Node:
         self.failures = 0
         self.probe_task: asyncio.Task[None] | None = None
         self.pending_deletes: set[str] = set()
+        self.listener: Listener | None = None
 
 
 class ValkeyTier:
@@ -117,6 +144,11 @@ class ValkeyTier:
 
     def valkey_key(self, cache_key: str) -> str:
         return self._place(cache_key)[1]
+
+    def placement(self, cache_key: str) -> tuple[str, str]:
+        """(owner node's name, Valkey value key) of a cache key: what an L1 copy maps to."""
+        node, key, _ = self._place(cache_key)
+        return node.name, key
 
     def node_for(self, cache_key: str) -> Node:
         return self._place(cache_key)[0]
@@ -167,6 +199,69 @@ class ValkeyTier:
 
         members = await self._run(node, "index", pop)
         return [m.decode("utf-8", "surrogateescape") for m in members]
+
+    # ------------------------------------------------------------------ groups (tags, hosts)
+
+    def _group_key(self, group: str) -> tuple[Node, str]:
+        """A group's set (``tag:<tag>``, ``host:<scheme://authority>``), on the node that owns it."""
+        digest = xxhash.xxh3_128_hexdigest(group.encode("utf-8", "surrogateescape"))
+        key = f"{self.prefix}:grp:{digest}"
+        return self.nodes[self.ring.owner(key.encode())], key
+
+    async def group_add(self, group: str, cache_key: str, ttl_ms: int, limit: int = MAX_GROUP_MEMBERS) -> bool:
+        """Record ``cache_key`` under ``group``; False when the group is full."""
+        node, key = self._group_key(group)
+        member = cache_key.encode("utf-8", "surrogateescape")
+        result = await self._run(
+            node, "index",
+            lambda: node.client.eval(_GROUP_ADD_LUA, 1, key, member, max(1, ttl_ms), limit),  # type: ignore[arg-type,return-value]
+        )
+        return result != -1
+
+    async def group_scan(self, group: str, batch: int = 1000) -> AsyncIterator[list[str]]:
+        """The group's members in batches (SSCAN: never one long command on the node)."""
+        node, key = self._group_key(group)
+        cursor: int = 0
+        while True:
+            cursor, members = await self._run(
+                node, "index", lambda c=cursor: node.client.sscan(key, c, count=batch)  # type: ignore[misc]
+            )
+            if members:
+                yield [m.decode("utf-8", "surrogateescape") for m in members]
+            if int(cursor) == 0:
+                return
+
+    async def group_remove(self, group: str, cache_keys: list[str]) -> None:
+        node, key = self._group_key(group)
+        members = [k.encode("utf-8", "surrogateescape") for k in cache_keys]
+        await self._run(node, "index", lambda: node.client.srem(key, *members))  # type: ignore[arg-type,return-value]
+
+    async def purge(self, cache_keys: list[str]) -> tuple[int, int]:
+        """Delete on each owner: (keys that existed, keys aimed at down nodes: replayed when
+        they return). Errors on one node do not stop the others."""
+        by_node: dict[str, list[str]] = {}
+        for cache_key in cache_keys:
+            owner, key, _ = self._place(cache_key)
+            by_node.setdefault(owner.name, []).append(key)
+        deleted = pending = 0
+        for name, keys in by_node.items():
+            node = self.nodes[name]
+            try:
+                deleted += await self._run(node, "delete", lambda n=node, k=keys: n.client.delete(*k))  # type: ignore[misc]
+            except L2Error:
+                if len(node.pending_deletes) < MAX_PENDING_DELETES:
+                    node.pending_deletes.update(keys)
+                pending += len(keys)
+        return deleted, pending
+
+    # ------------------------------------------------------------------ near-cache coherence
+
+    def start_listeners(self, near: NearCache) -> None:
+        """One invalidation listener per node (needs a running loop; idempotent)."""
+        for node in self.nodes.values():
+            if node.listener is None:
+                node.listener = Listener(node.name, node.connect_kwargs, node.address.tls, self.prefix, near, self.metrics)
+            node.listener.start()
 
     async def delete(self, cache_keys: list[str]) -> None:
         """Delete on each owner; for a down owner, remember the key and delete it on return."""
@@ -247,6 +342,8 @@ class ValkeyTier:
         for node in self.nodes.values():
             if node.probe_task is not None:
                 node.probe_task.cancel()
+            if node.listener is not None:
+                await node.listener.close()
             try:
                 await node.client.aclose()
             except Exception:  # closing a broken connection must not stop shutdown

@@ -118,7 +118,7 @@ def test_password_protected_node_through_the_proxy(tmp_path: Path, origin: Origi
         c.get(path)
         r = c.get(path)
         assert r.headers["x-cache-status"] == "HIT" and "detail=l2" in r.headers["cache-status"]
-        assert valkey.Valkey(port=node.port, password="s3cret").dbsize() == 1
+        assert len(valkey.Valkey(port=node.port, password="s3cret").keys("mitmcache:r1:*")) == 1
         assert "s3cret" not in httpx.get(f"http://127.0.0.1:{proxy.metrics_port}/metrics").text
         assert "s3cret" not in c.get("/x").text
         assert "s3cret" not in proxy.stop()
@@ -157,12 +157,18 @@ def test_valkeys_tls_node_verified_with_the_given_ca(tmp_path: Path, origin: Ori
         c.get(path)
         r = c.get(path)
         assert r.headers["x-cache-status"] == "HIT" and "detail=l2" in r.headers["cache-status"]
-        assert valkey.Valkey(port=node.port).dbsize() == 1
+        assert len(valkey.Valkey(port=node.port).keys("mitmcache:r1:*")) == 1
         # Without the CA the self-signed node is not trusted: L2 is skipped, clients never notice.
         bad = untrusted.client()
         assert [bad.get(f"/tls-untrusted?cc={CC}").status_code for _ in range(3)] == [200] * 3
         assert untrusted.metrics()["mitmcache_valkey_set_fallback_total"] >= 1
-        assert valkey.Valkey(port=node.port).dbsize() == 1
+        assert len(valkey.Valkey(port=node.port).keys("mitmcache:r1:*")) == 1
+        # The invalidation listener speaks TLS too, verified the same way.
+        deadline = time.monotonic() + 10
+        while good.metrics()['mitmcache_invalidation_listeners{state="up"}'] != 1:
+            assert time.monotonic() < deadline, "the listener never subscribed over TLS"
+            time.sleep(0.05)
+        assert untrusted.metrics()['mitmcache_invalidation_listeners{state="down"}'] == 1
     finally:
         good.stop()
         untrusted.stop()

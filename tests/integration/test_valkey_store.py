@@ -17,8 +17,11 @@ from mitmcache.valkey_tier import FAILURE_THRESHOLD, ValkeyTier
 
 
 def make_store(urls: str, l1_ttl: float = 60.0, timeout_ms: int = 250) -> tuple[TieredStore, Metrics]:
+    """A store without invalidation listeners (the tiers alone; tests/integration/test_coherence.py
+    has them on)."""
     metrics = Metrics()
     store = TieredStore(metrics, 10_000_000, l1_ttl)
+    store.set_coherence(False)
     store.attach_l2(ValkeyTier(parse_valkey_urls(urls), "test", timeout_ms, metrics, store.forget_node))
     return store, metrics
 

@@ -54,10 +54,14 @@ def test_label_tuples_are_the_documented_ones() -> None:
     assert m.REVALIDATION_OUTCOMES == ("304", "200", "error", "skipped")
     assert m.STORE_TIERS == ("l1", "l2")
     assert m.BAD_INPUT_KINDS == ("cache-control", "date", "expires", "last-modified", "age", "valkey-value", "304-mismatch")
-    assert set(m.NOT_STORED_REASONS) == {r.value for r in NotStorable} | {"no-freshness", "too-large-for-l1"}
+    assert set(m.NOT_STORED_REASONS) == {r.value for r in NotStorable} | {"no-freshness", "too-large-for-l1", "l2-down"}
     assert len(m.NOT_STORED_REASONS) == len(set(m.NOT_STORED_REASONS))
     assert m.VALKEY_OPS == ("get", "set", "delete", "lease", "release", "poll", "index")
     assert m.RING_STATES == ("up", "down")
+    assert m.INVALIDATION_DROP_CAUSES == ("key", "flush")
+    assert m.PURGE_KINDS == ("url", "tag", "prefix")
+    assert m.PURGE_MODES == ("hard", "soft")
+    assert m.INDEX_KINDS == ("tag", "host")
 
 
 def test_every_tuple_value_renders_a_zero_sample() -> None:
@@ -70,9 +74,23 @@ def test_every_tuple_value_renders_a_zero_sample() -> None:
         ("mitmcache_bad_input_total", "kind", m.BAD_INPUT_KINDS),
         ("mitmcache_valkey_op_seconds_count", "op", m.VALKEY_OPS),
         ("mitmcache_ring_members", "state", m.RING_STATES),
+        ("mitmcache_l1_invalidation_drops_total", "cause", m.INVALIDATION_DROP_CAUSES),
+        ("mitmcache_purged_keys_total", "kind", m.PURGE_KINDS),
+        ("mitmcache_index_full_total", "index", m.INDEX_KINDS),
     ):
         for v in values:
             assert s.get(f'{metric}{{{label}="{v}"}}') == 0.0, (metric, v)
+
+
+def test_every_purge_kind_and_mode_renders_a_zero_sample() -> None:
+    s = samples()
+    for kind in m.PURGE_KINDS:
+        for mode in m.PURGE_MODES:
+            assert s.get(f'mitmcache_purges_total{{kind="{kind}",mode="{mode}"}}') == 0.0, (kind, mode)
+    for name in ("mitmcache_l1_invalidations_received_total", "mitmcache_invalidation_listener_reconnects_total",
+                 "mitmcache_invalidation_listener_flushes_total", "mitmcache_purge_denied_total",
+                 "mitmcache_invalidation_delay_seconds_count"):
+        assert s.get(name) == 0.0, name
 
 
 def test_two_instances_do_not_share_counts() -> None:

@@ -21,6 +21,7 @@ from .admin import Admin
 from .http_cache import HttpCache
 from .policies import Policies
 from .replay import Replay
+from .purge import Purge
 from .revalidation import Revalidation
 from .storage import Storage
 from .tracing import Tracing
@@ -30,9 +31,11 @@ def default_addons(service: CacheService) -> list[Any]:
     """The cache's addons in lifecycle order (``Admin`` last: it checks every ``cache_*``
     option is declared)."""
     http_cache = HttpCache(service)
-    http_cache.replay = Replay(service)  # asked first by the request hook (record and replay)
+    http_cache.replay = Replay(service)  # asked by the request hook after PURGE (record and replay)
+    purge = Purge(service)
+    http_cache.purge = purge.http  # PURGE requests are answered by the Purge addon
     return [
-        Storage(service), Revalidation(service), Policies(service), Tracing(service), http_cache.replay,
+        Storage(service), Revalidation(service), Policies(service), Tracing(service), purge, http_cache.replay,
         http_cache, Admin(service, http_cache),
     ]
 

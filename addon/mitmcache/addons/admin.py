@@ -43,6 +43,30 @@ def variant_view(entry: StoredResponse, now: float) -> dict[str, object]:
     }
 
 
+def url_keys(service: CacheService, url: str, include_given: bool = True, policy: bool = True) -> list[str]:
+    """Keys a URL may name. When its port is one of this proxy's reverse-mode listeners (the
+    URL the client used), first the key of the origin's URL the entry is stored under (with
+    the client's authority joined in when ``keep_host_header`` passes it upstream); then the URL
+    as given (it may be an origin's own URL; ``include_given=False`` leaves it out when a
+    listener matched). ``policy=False``: no operator rule shapes the key (URL prefixes)."""
+    keys = service.keys
+
+    def rule(u: str) -> object:
+        return service.policy_for_url(u, ()) if policy else None
+
+    key = keys.for_url(url, rule(url))  # type: ignore[arg-type]
+    if key is None:
+        raise exceptions.CommandError(f"not an absolute http(s) URL: {url!r}")
+    out: list[str] = []
+    for origin_url, host_header in origin_urls(url):
+        origin_key = keys.for_url(origin_url, rule(origin_url), (), host_header)  # type: ignore[arg-type]
+        if origin_key is not None and origin_key not in out:
+            out.append(origin_key)
+    if key not in out and (include_given or not out):
+        out.append(key)
+    return out
+
+
 def _resource_view(resource: Resource | None, now: float) -> list[dict[str, object]] | None:
     return None if resource is None else [variant_view(v, now) for v in resource.variants]
 
@@ -78,26 +102,8 @@ class Admin:
     def done(self) -> None:
         self.service.metrics.stop()
 
-    # ------------------------------------------------------------------ keys from URLs
-
     def _keys(self, url: str, include_given: bool = True) -> list[str]:
-        """Keys a URL may name. When its port is one of this proxy's reverse-mode listeners
-        (the URL the client used), first the key of the origin's URL the entry is stored under
-        (with the client's authority joined in when ``keep_host_header`` passes it upstream);
-        then the URL as given (it may be an origin's own URL; ``include_given=False`` leaves it
-        out when a listener matched)."""
-        keys, service = self.service.keys, self.service
-        key = keys.for_url(url, service.policy_for_url(url, ()))
-        if key is None:
-            raise exceptions.CommandError(f"not an absolute http(s) URL: {url!r}")
-        out: list[str] = []
-        for origin_url, host_header in origin_urls(url):
-            origin_key = keys.for_url(origin_url, service.policy_for_url(origin_url, ()), (), host_header)
-            if origin_key is not None and origin_key not in out:
-                out.append(origin_key)
-        if key not in out and (include_given or not out):
-            out.append(key)
-        return out
+        return url_keys(self.service, url, include_given)
 
     # ------------------------------------------------------------------ commands
 
@@ -115,6 +121,8 @@ class Admin:
             {
                 **service.store.l1_stats(),
                 "l2_nodes": {name: "up" if up else "down" for name, up in service.store.members().items()},
+                # per node: does L1 keep copies of its keys (invalidation listener subscribed)?
+                "l1_coherent": {name: service.store.near.coherent(name) for name in service.store.members()},
                 "requests": counts,
                 "fetches_in_flight": len(service.coalescer.flights),
                 "revalidations_pending": len(service.revalidator.in_progress),
@@ -140,7 +148,9 @@ class Admin:
         keys = list(dict.fromkeys(service.keys.base(k) for k in self._keys(url)))
         store = service.store
         removed = store.delete_l1(store.expand_l1(keys))  # now, so this proxy's next request misses
-        spawn(service.invalidate(keys), "purge")  # L2 too, with the keys its index records (key_headers)
+        # L2 too (with the keys its index records: key_headers); other proxies' L1 through
+        # their invalidation listeners.
+        spawn(service.purger.urls(keys), "purge")
         return removed
 
     @command.command("cache.explain")

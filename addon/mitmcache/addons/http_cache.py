@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import time
 import weakref
+from collections.abc import Awaitable, Callable
 
 from mitmproxy import ctx, http
 from mitmproxy.net.http.http1 import expected_http_body_size
@@ -114,6 +115,7 @@ class HttpCache:
         # Live per-flow state beside the flow, not in flow.metadata (which flow files keep).
         self._exchanges: weakref.WeakKeyDictionary[http.HTTPFlow, Exchange] = weakref.WeakKeyDictionary()
         self.replay: Replay | None = None  # record and replay (addons/replay.py), set by default_addons
+        self.purge: Callable[[http.HTTPFlow], Awaitable[None]] | None = None  # answers PURGE (addons/purge.py)
 
     def load(self, loader) -> None:  # type: ignore[no-untyped-def]
         loader.add_option(
@@ -141,6 +143,8 @@ class HttpCache:
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None or flow.error is not None:
             return  # already answered by someone else
+        if flow.request.data.method == b"PURGE" and self.purge is not None:
+            return await self.purge(flow)  # answered here, never forwarded
         if self.replay is not None and self.replay.active:
             # Record/replay: a replayed answer or its 504 never consults the RFC cache, and a
             # request to record bypasses it (the file holds exactly what the origin sent).
@@ -245,6 +249,10 @@ class HttpCache:
         resp = flow.response
         assert resp is not None and outcome.label is not None
         rendered = outcome.status.render()
+        settings = self.service.settings
+        if not settings.tag_passthrough:
+            for name in settings.tag_headers:  # purge tags are stored, not sent on (cache_tag_headers)
+                resp.headers.pop(name, None)
         resp.headers["X-Cache-Status"] = outcome.label
         resp.headers["Cache-Status"] = rendered
         flow.comment = outcome.comment(rendered)

@@ -20,8 +20,13 @@ from .config import at_least, parse_size, reject_unparsable, report_option_error
 log = logging.getLogger("mitmcache")
 
 PURGE_INTERVAL = 10.0  # seconds between sweeps of expired L1 entries
-L2_OPTIONS = {"cache_valkey_urls", "cache_key_prefix", "cache_valkey_timeout_ms", "cache_valkey_tls_ca"}
-INT_OPTIONS = ("cache_heuristic_max", "cache_l1_ttl", "cache_valkey_timeout_ms")
+L2_OPTIONS = {
+    "cache_valkey_urls", "cache_key_prefix", "cache_valkey_timeout_ms", "cache_valkey_tls_ca", "cache_l1_invalidation",
+}
+# With invalidation listeners an L1 copy is dropped within milliseconds of any change in Valkey;
+# the TTL only bounds the damage of an invalidation lost on a connection that still answers PING.
+DEFAULT_L1_TTL = 600
+INT_OPTIONS = ("cache_heuristic_max", "cache_l1_ttl", "cache_valkey_timeout_ms", "cache_l1_fallback_ttl")
 
 
 class Storage:
@@ -58,9 +63,19 @@ class Storage:
             "one per ring node. Empty: L1 only.",
         )
         loader.add_option(
-            "cache_l1_ttl", int, 60,
-            "Seconds an entry may live in L1 when Valkey is configured (near-cache bound); "
+            "cache_l1_ttl", int, DEFAULT_L1_TTL,
+            "Seconds an entry may live in L1 when Valkey is configured (near-cache backstop); "
             "0 = L1 only as fallback.",
+        )
+        loader.add_option(
+            "cache_l1_invalidation", bool, True,
+            "Keep L1 coherent with Valkey: one invalidation listener per node (CLIENT TRACKING "
+            "BCAST) drops L1 copies of keys changed anywhere. Off: copies live up to cache_l1_ttl.",
+        )
+        loader.add_option(
+            "cache_l1_fallback_ttl", int, 5,
+            "Seconds L1 keeps a response Valkey could not take while its node's invalidation "
+            "listener is down too (0 = none: every request for that node's keys goes to the origin).",
         )
         loader.add_option("cache_key_prefix", str, "mitmcache", "Namespace of every key written to Valkey.")
         loader.add_option(
@@ -71,7 +86,7 @@ class Storage:
             "cache_valkey_timeout_ms", int, 250,
             "Timeout of one Valkey operation in milliseconds; a slower node counts as failing.",
         )
-        reject_unparsable(loader, INT_OPTIONS)
+        reject_unparsable(loader, (*INT_OPTIONS, "cache_l1_invalidation"))
 
     @report_option_errors
     def configure(self, updated: set[str]) -> None:
@@ -95,6 +110,8 @@ class Storage:
         service.settings = settings
         if "cache_l1_ttl" in updated:
             service.store.set_l1_ttl(float(at_least("cache_l1_ttl", 0)))
+        if "cache_l1_fallback_ttl" in updated:
+            service.store.l1_fallback_ttl = float(at_least("cache_l1_fallback_ttl", 0))
         if updated & L2_OPTIONS:
             self._configure_l2()
 
@@ -110,6 +127,7 @@ class Storage:
         except ValkeyURLError as e:
             raise exceptions.OptionsError(f"cache_valkey_urls: {e}") from None
         store, metrics = self.service.store, self.service.metrics
+        store.set_coherence(opts.cache_l1_invalidation)
         tier = None
         if nodes:
             tier = ValkeyTier(
@@ -123,11 +141,17 @@ class Storage:
         old = store.attach_l2(tier)
         if old is not None:
             spawn(old.close(), "close old Valkey clients")
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return  # start-up: running() starts the listeners
+        store.start_coherence()
 
     def running(self) -> None:
         # Sync on purpose: an async running breaks live reload (mitmproxy-notes A3).
         if self._purge_task is None or self._purge_task.done():
             self._purge_task = spawn(self._purge_loop(), "L1 expiry sweep")
+        self.service.store.start_coherence()
         spawn(self._report_ready(), "start-up report")
 
     def done(self) -> None:
