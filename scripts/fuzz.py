@@ -1029,6 +1029,16 @@ def check(result: Result, exchanges: list[Exchange], origin: FuzzOrigin) -> None
                 result.add("cookie-leak", f"{describe(ex)} got Set-Cookie {cookie!r} made for {m.group(2)}; "
                            + (describe_record(rec) if rec else "no origin record"))
 
+        # (f) PURGE is the cache's own verb (the fuzz client is on 127.0.0.1, which may purge):
+        # answered by the cache with its JSON count, never forwarded to the origin.
+        if ex.method == "PURGE":
+            if by_rid.get(ex.rid):
+                result.add("wrong-answer", f"{describe(ex)}: a PURGE reached the origin", "purge-forwarded")
+            elif not ex.response_body.startswith(b'{"purged": '):
+                result.add("wrong-answer", f"{describe(ex)}: not the cache's PURGE answer: "
+                           f"{short(ex.response_body, 200)}", "purge-answer")
+            continue
+
         # (b) 5xx the origin did not send
         if ex.status >= 500:
             m = _SERIAL.match(ex.response_body)

@@ -264,10 +264,15 @@ async def _main(argv: list[str], make_cache: Callable[[], Any]) -> int:
     # the built-in options, then the arguments, so every addon is configured as under mitmdump.
     opts = mitm_options.Options()
     m = FastMaster(opts)
-    m.addons.add(*select_addons(scratch, make_cache()), errorcheck.ErrorCheck())
+    cache = make_cache()
+    m.addons.add(*select_addons(scratch, cache), errorcheck.ErrorCheck())
     declare_builtin_options(opts)
     try:
         _apply_arguments(opts, argv)
+        # As mitmproxy's ScriptLoader does for a -s script: the cache is configured with every
+        # option, defaults included (e.g. it builds its origin client from them), not only
+        # with those the arguments changed.
+        m.addons.invoke_addon_sync(cache, hooks.ConfigureHook(set(opts.keys())))
     except exceptions.OptionsError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 1

@@ -248,14 +248,15 @@ class TieredStore:
         if data is None:
             self.metrics.valkey_miss.inc()
             return None
-        resource = self._decode(key, data)
-        if resource is None:
+        decoded = self._decode(key, data)
+        if decoded is None:
             return None
-        if isinstance(resource, HitForPass):
-            if resource.until <= now:
+        if isinstance(decoded, HitForPass):
+            if decoded.until <= now:
                 return None
-            self._remember_pass(key, resource)
-            return resource
+            self._remember_pass(key, decoded)
+            return decoded
+        resource = decoded
         self.metrics.l2_hits.inc()
         if keep:
             self._near_cache(key, resource, now, l1_ttl)

@@ -5,6 +5,7 @@ options it does not support, and ``--stock`` running stock mitmdump."""
 from __future__ import annotations
 
 import ssl
+import time
 import subprocess
 from pathlib import Path
 from urllib.parse import quote
@@ -123,3 +124,32 @@ def test_stock_flag_runs_stock_mitmdump_with_its_addons(tmp_path: Path, origin: 
     assert origin.count(path) == 1
     command = [line for line in out.splitlines() if line.startswith("mitmcache: ")]
     assert len(command) == 1 and "/mitmdump -s " in command[0] and "--anticache" in command[0], out
+
+
+def test_fast_launcher_configures_the_cache_with_every_option(tmp_path: Path, origin: Origin) -> None:
+    # The cache builds its own origin client from options left at their defaults: without it,
+    # background revalidation (and stale-if-error, refetches) cannot run under the launcher.
+    proxy = launch(tmp_path, "--l1-only", "--mode", f"reverse:{origin.url}")
+    path = f"/fast-swr?cc={quote('max-age=1, stale-while-revalidate=60', safe='')}&etag=v1&no304=1"
+    try:
+        client = proxy.client()
+        assert client.get(path).text == "/fast-swr #1"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # stale after max-age=1 (Date has whole seconds)
+            stale = client.get(path)
+            if stale.headers["x-cache-status"] == "STALE":
+                break
+            time.sleep(0.1)
+        assert stale.headers["x-cache-status"] == "STALE" and stale.text == "/fast-swr #1"
+        while origin.count(path) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert origin.count(path) == 2  # the background revalidation reached the origin
+        while time.monotonic() < deadline:
+            fresh = client.get(path)
+            if fresh.text == "/fast-swr #2":
+                break
+            time.sleep(0.05)
+        assert (fresh.headers["x-cache-status"], fresh.text) == ("HIT", "/fast-swr #2")
+    finally:
+        output = proxy.stop()
+    assert "origin client not configured" not in output
