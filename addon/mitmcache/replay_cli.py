@@ -28,8 +28,6 @@ from pathlib import Path
 from .valkey_nodes import die_with_parent, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-ENTRY = ROOT / "addon" / "mitmcache_addon.py"
-MITMDUMP = Path(sys.executable).parent / "mitmdump"
 MODES = ("none", "once", "new_episodes", "all")
 UNMATCHED_EXIT = 3
 SETUP_EXIT = 2
@@ -139,11 +137,14 @@ def run(args: argparse.Namespace, work: Path) -> int:
     confdir, report_file, log_file = work / "confdir", work / "report.json", work / "mitmdump.log"
     confdir.mkdir()
     port = free_port()
+    # The fast launcher (scripts/run's default), L1 only (a hermetic run needs no Valkey): it
+    # configures the cache before opening the listener, so a cassette it cannot use stops it
+    # before the port opens (a -s script under stock mitmdump is loaded after the listeners).
     cmd = [
-        str(MITMDUMP), "-s", str(ENTRY), "--mode", "regular", "--listen-host", "127.0.0.1", "-p", str(port),
+        sys.executable, "-m", "mitmcache.launch", "--l1-only",
+        "--mode", "regular", "--listen-host", "127.0.0.1", "-p", str(port),
         "--set", f"confdir={confdir}", "--set", "termlog_verbosity=warn", "--set", "flow_detail=0",
         "--set", "connection_strategy=lazy",  # never connect upstream before a request is known
-        "--set", "cache_valkey_urls=",  # L1 only: a hermetic run needs no Valkey
         "--set", f"cache_replay_file={os.path.abspath(args.cassette)}",
         "--set", f"cache_replay_mode={args.mode}",
         "--set", f"cache_replay_report_file={report_file}",

@@ -93,6 +93,12 @@ def test_exit_status(clients: Clients, script: str, status: int, report: str) ->
 
 def test_usage_errors_exit_2(tmp_path: Path) -> None:
     assert replay(tmp_path / "x.har", "none", []).returncode == 2  # no command
-    missing = replay(tmp_path / "missing.har", "none", ["true"])
+    ran = tmp_path / "command-ran"
+    missing = replay(tmp_path / "missing.har", "none", ["touch", str(ran)])
     assert missing.returncode == 2
     assert "cache_replay_file" in missing.stderr and "does not exist" in missing.stderr
+    garbage = tmp_path / "garbage.flows"
+    garbage.write_bytes(b"\x00not a flow file\xff" * 10)
+    unreadable = replay(garbage, "none", ["touch", str(ran)])
+    assert unreadable.returncode == 2 and "cannot read" in unreadable.stderr
+    assert not ran.exists()  # the command never runs against a proxy that could not start

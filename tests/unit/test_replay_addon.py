@@ -96,3 +96,19 @@ async def test_binary_request_body_survives_a_har_recording(tmp_path: Path) -> N
         await cycle(tctx, other)
         assert (same.response.status_code, same.response.content) == (200, b"stored")
         assert other.response.status_code == 504
+
+
+def test_har_with_non_utf8_header_bytes_stays_readable(tmp_path: Path) -> None:
+    from mitmproxy import http
+
+    from mitmcache.addons.replay import har_bytes, read_cassette
+
+    flow = tflow.tflow(resp=True)
+    flow.request.headers = http.Headers([(b"X-Raw", b"\xff\xfe"), (b"Host", b"example.com")])
+    flow.response.headers = http.Headers([(b"X-Weird", b"caf\xe9"), (b"Content-Type", b"text/plain")])
+    path = tmp_path / "raw.har"
+    path.write_bytes(har_bytes([flow]))
+    (back,) = read_cassette(str(path))
+    assert back.request.headers["X-Raw"] == "\ufffd\ufffd"  # HAR is text: U+FFFD, and it reads back
+    assert back.response.headers["X-Weird"] == "caf\ufffd"
+    assert back.response.content == flow.response.content

@@ -21,6 +21,7 @@ import time
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from mitmproxy import command, ctx, exceptions, http, io
 from mitmproxy.addons.savehar import SaveHar
@@ -132,7 +133,34 @@ def har_bytes(flows: Sequence[http.HTTPFlow]) -> bytes:
             body.decode("utf-8")
         except UnicodeDecodeError:
             post.update(text=base64.b64encode(body).decode(), _encoding="base64", params=[])
+    har, replaced = _utf8_only(har)
+    if replaced:
+        log.warning(
+            f"mitmcache: replay: {replaced} HAR value(s) held bytes that are not UTF-8 (e.g. a header byte 0xFF); "
+            "HAR is text, so they are written as U+FFFD: use a flow file cassette for byte-exact replay"
+        )
     return json.dumps(har, indent=2).encode()
+
+
+def _utf8_only(value: Any) -> tuple[Any, int]:
+    """``value`` with every string made valid UTF-8 (mitmproxy keeps undecodable header bytes as
+    lone surrogates, which a HAR reader refuses): (cleaned, how many strings changed)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), 1
+        return value, 0
+    if isinstance(value, dict):
+        out, n = {}, 0
+        for k, v in value.items():
+            out[k], m = _utf8_only(v)
+            n += m
+        return out, n
+    if isinstance(value, list):
+        items = [_utf8_only(v) for v in value]
+        return [v for v, _ in items], sum(m for _, m in items)
+    return value, 0
 
 
 def flow_bytes(flows: Sequence[http.HTTPFlow]) -> bytes:
