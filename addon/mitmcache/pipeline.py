@@ -448,7 +448,7 @@ class Pipeline:
                 await self._finish(ex, FlightResult.STORED if admission.resource else FlightResult.NOT_SHAREABLE, admission.resource)
                 return ex.reply
             case Refetch():
-                service.bad_input("304-mismatch", f"304 for {ex.key!r} names other validators")
+                service.bad_input("304-mismatch", f"304 for {ex.key!r} selects no stored response (its validators differ, or it has none while the entry has some: RFC 9111 §4.3.4)")
                 fetched, error = await self._refetch_unconditionally(ex)
                 replacement = responses.from_origin(fetched, error)
                 resp = fetched if fetched is not None and fetched.body is not None else replacement

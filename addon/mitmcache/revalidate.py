@@ -165,7 +165,7 @@ class Revalidator:
             if fetched.status == 304 and not sem.validator_304_matches(job.entry, fetched.headers):
                 # §4.3.4: this 304 selects no stored response: ask again, unconditionally.
                 metrics.revalidations.labels("304").inc()
-                service.bad_input("304-mismatch", f"304 for {job.key!r} names other validators")
+                service.bad_input("304-mismatch", f"304 for {job.key!r} selects no stored response (its validators differ, or it has none while the entry has some: RFC 9111 §4.3.4)")
                 headers = [(k, v) for k, v in headers if k.lower() not in _CONDITIONAL]
                 fetched = await self._fetch(job, headers, limit)
                 if fetched.status == 304:  # still not a full response: nothing to use

@@ -119,3 +119,8 @@ def test_options_validated() -> None:
             tctx.options.update(cache_heuristic_max=-5)
         with pytest.raises(exceptions.OptionsError, match="cache_lease_ms"):
             tctx.options.update(cache_lease_ms=0)
+        with pytest.raises(exceptions.OptionsError, match="cache_hit_for_pass: at most 300"):
+            tctx.options.update(cache_hit_for_pass=301)
+        with pytest.raises(exceptions.OptionsError, match="cache_hit_for_pass"):
+            tctx.options.update(cache_hit_for_pass=-1)
+        tctx.options.update(cache_hit_for_pass=0)  # off

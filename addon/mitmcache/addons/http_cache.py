@@ -85,9 +85,13 @@ class Tee:
                 self.parts.append(chunk)
         return chunk
 
-    @property
-    def body(self) -> bytes | None:
-        return b"".join(self.parts) if self.ended and self.parts is not None else None
+    def take(self) -> bytes | None:
+        """The whole body (None if it did not end whole within the limit); the copy is
+        released, so a large body is held once, by whoever stores it."""
+        body = b"".join(self.parts) if self.ended and self.parts is not None else None
+        if self.parts is not None:
+            self.parts = [] if body is not None else None
+        return body
 
 
 def to_mitmproxy(resp: Response) -> http.Response:
@@ -227,7 +231,7 @@ class HttpCache:
         received = response_from_flow(flow)
         stream = flow.response.stream
         if isinstance(stream, Tee):
-            body = stream.body
+            body = stream.take()
             received = dataclasses.replace(received, body=body, too_large=stream.size if body is None and stream.parts is None else None)
         elif stream and received.body is None:
             # Streamed untouched: it was too large to keep, or mitmproxy switched to streaming midway.

@@ -133,6 +133,11 @@ def har_bytes(flows: Sequence[http.HTTPFlow]) -> bytes:
             body.decode("utf-8")
         except UnicodeDecodeError:
             post.update(text=base64.b64encode(body).decode(), _encoding="base64", params=[])
+    for entry in har["log"]["entries"]:
+        for part in ("request", "response"):
+            for cookie in entry.get(part, {}).get("cookies", []):
+                if not isinstance(cookie.get("value"), str):
+                    cookie["value"] = ""  # HAR 1.2: a string (a redacted Set-Cookie has none)
     har, replaced = _utf8_only(har)
     if replaced:
         log.warning(

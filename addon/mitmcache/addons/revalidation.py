@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from mitmproxy import ctx
+from mitmproxy import ctx, exceptions
 
 from ..origin_client import OriginClient, tls_verification
-from ..service import CacheService
+from ..service import MAX_PASS_SECONDS, CacheService
 from .config import at_least, reject_unparsable, report_option_errors, spawn
 
 # mitmproxy's own TLS options that the cache's origin client follows.
@@ -59,6 +59,10 @@ class Revalidation:
         service = self.service
         values = {name: at_least(name, 0 if name == "cache_hit_for_pass" else 1) for name in INT_OPTIONS if name in updated}
         if "cache_hit_for_pass" in updated:
+            if ctx.options.cache_hit_for_pass > MAX_PASS_SECONDS:
+                raise exceptions.OptionsError(
+                    f"cache_hit_for_pass: at most {MAX_PASS_SECONDS:g} seconds, not {ctx.options.cache_hit_for_pass}"
+                )
             service.settings = dataclasses.replace(service.settings, hit_for_pass=float(ctx.options.cache_hit_for_pass))
         if values.keys() & {"cache_coalesce_wait_ms", "cache_lease_ms", "cache_origin_timeout_ms"}:
             service.settings = dataclasses.replace(
