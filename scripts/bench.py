@@ -224,10 +224,11 @@ def start_targets(args: argparse.Namespace, origin: str, urls: str, tmp: Path) -
         rules = [f"cache_policy=|~d host{i}.example & ~u /api/v{i}/|ttl=5m swr=30s" for i in range(args.rules - 1)]
         rules.append(f"cache_policy=|~u {HOT}|ttl=1h name=bench")
         add([("l1-rules", HOT, "HIT")], lambda p, c: [*stock, "-s", str(ENTRY), *proxy_args(p, origin, c, *rules)])
-    me = [PYTHON, str(Path(__file__).resolve()), "_fast_ceiling"]
+    # The fast launcher's targets run as scripts/run starts it: with -O (no __debug__ type checks).
+    me = [PYTHON, "-O", str(Path(__file__).resolve()), "_fast_ceiling"]
     add([("fast-ceiling", HOT, "HIT")], lambda p, c: [*me, *proxy_args(p, origin, c)])
     add([("fast-ceiling-asyncio", HOT, "HIT")], lambda p, c: [*me, "--no-uvloop", *proxy_args(p, origin, c)])
-    launch = [PYTHON, "-m", "mitmcache.launch", "--l1-only"]
+    launch = [PYTHON, "-O", "-m", "mitmcache.launch", "--l1-only"]
     add([("fast-l1", HOT, "HIT")], lambda p, c: [*launch, *proxy_args(p, origin, c)])
     add([("fast-l1-asyncio", HOT, "HIT")], lambda p, c: [*launch, "--no-uvloop", *proxy_args(p, origin, c)])
     return targets

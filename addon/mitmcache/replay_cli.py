@@ -141,7 +141,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
     # configures the cache before opening the listener, so a cassette it cannot use stops it
     # before the port opens (a -s script under stock mitmdump is loaded after the listeners).
     cmd = [
-        sys.executable, "-m", "mitmcache.launch", "--l1-only",
+        sys.executable, "-O", "-m", "mitmcache.launch", "--l1-only",  # as scripts/run starts it
         "--mode", "regular", "--listen-host", "127.0.0.1", "-p", str(port),
         "--set", f"confdir={confdir}", "--set", "termlog_verbosity=warn", "--set", "flow_detail=0",
         "--set", "connection_strategy=lazy",  # never connect upstream before a request is known

@@ -94,10 +94,15 @@ class Tee:
         return body
 
 
-def to_mitmproxy(resp: Response) -> http.Response:
+def to_mitmproxy(
+    resp: Response, drop: frozenset[str] = frozenset(), add: tuple[tuple[str, str], ...] = ()
+) -> http.Response:
     """A response built by the cache, with its headers and body exactly as given (no
-    Content-Length added: ``responses`` frames HEAD/304/206 itself)."""
-    headers = http.Headers([(_wire(k), _wire(v)) for k, v in resp.headers])
+    Content-Length added: ``responses`` frames HEAD/304/206 itself), less the fields named in
+    ``drop`` (lower-case), plus ``add`` — in one pass: mitmproxy's Headers edits cost more."""
+    fields = [(_wire(k), _wire(v)) for k, v in resp.headers if not drop or k.lower() not in drop]
+    fields += [(_wire(k), _wire(v)) for k, v in add]
+    headers = http.Headers(fields)
     return http.Response(
         b"HTTP/1.1", resp.status, _wire(resp.reason), headers, resp.body or b"", None,
         resp.request_time, resp.response_time,
@@ -116,6 +121,9 @@ class HttpCache:
         self.service = service
         self.mark_flows = True
         self.stream_threshold: int | None = None  # mitmproxy's stream_large_bodies, in bytes
+        # Fields a cache answer never carries from the stored response: its own status fields,
+        # and purge tags unless passed through; compiled once per Settings object.
+        self._dropped: tuple[object, frozenset[str]] = (None, frozenset())
         # Live per-flow state beside the flow, not in flow.metadata (which flow files keep).
         self._exchanges: weakref.WeakKeyDictionary[http.HTTPFlow, Exchange] = weakref.WeakKeyDictionary()
         self.replay: Replay | None = None  # record and replay (addons/replay.py), set by default_addons
@@ -159,8 +167,7 @@ class HttpCache:
                 return
         ex = await self.service.pipeline.request(request_from_flow(flow, self.service.policies))
         if ex.reply is not None:
-            flow.response = to_mitmproxy(ex.reply)
-            self._render(flow, ex.outcome)
+            self._answer(flow, ex.reply, ex.outcome)
             return
         self._exchanges[flow] = ex
         if ex.validators or ex.strip_conditionals:
@@ -249,6 +256,17 @@ class HttpCache:
         if ex is not None:
             await self.service.pipeline.error(ex)
 
+    def _answer(self, flow: http.HTTPFlow, reply: Response, outcome: Outcome) -> None:
+        """Answer from the cache: the reply with its status fields, built in one go (the hit path)."""
+        assert outcome.label is not None
+        rendered = outcome.status.render()
+        settings = self.service.settings
+        if self._dropped[0] is not settings:
+            tags = () if settings.tag_passthrough else settings.tag_headers
+            self._dropped = (settings, frozenset({"x-cache-status", "cache-status", *(t.lower() for t in tags)}))
+        flow.response = to_mitmproxy(reply, self._dropped[1], (("X-Cache-Status", outcome.label), ("Cache-Status", rendered)))
+        self._annotate(flow, outcome, rendered)
+
     def _render(self, flow: http.HTTPFlow, outcome: Outcome) -> None:
         resp = flow.response
         assert resp is not None and outcome.label is not None
@@ -259,6 +277,10 @@ class HttpCache:
                 resp.headers.pop(name, None)
         resp.headers["X-Cache-Status"] = outcome.label
         resp.headers["Cache-Status"] = rendered
+        self._annotate(flow, outcome, rendered)
+
+    def _annotate(self, flow: http.HTTPFlow, outcome: Outcome, rendered: str) -> None:
+        """The outcome for mitmweb: comment, metadata, marker."""
         flow.comment = outcome.comment(rendered)
         flow.metadata[METADATA_KEY] = outcome.summary(rendered)
         if self.mark_flows and outcome.label in MARKERS:
