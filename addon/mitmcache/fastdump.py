@@ -268,11 +268,11 @@ async def _main(argv: list[str], make_cache: Callable[[], Any]) -> int:
     m.addons.add(*select_addons(scratch, cache), errorcheck.ErrorCheck())
     declare_builtin_options(opts)
     try:
-        _apply_arguments(opts, argv)
         # As mitmproxy's ScriptLoader does for a -s script: the cache is configured with every
         # option, defaults included (e.g. it builds its origin client from them), not only
-        # with those the arguments changed.
+        # with those the arguments change next.
         m.addons.invoke_addon_sync(cache, hooks.ConfigureHook(set(opts.keys())))
+        _apply_arguments(opts, argv)
     except exceptions.OptionsError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 1

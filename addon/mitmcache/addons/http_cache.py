@@ -149,7 +149,8 @@ class HttpCache:
         # mitmproxy-notes §0.4: with the default eager strategy a HIT cannot be served while
         # the origin is down (the client connection is closed first). A cache needs lazy.
         if "connection_strategy" in updated and getattr(ctx.options, "connection_strategy", "lazy") != "lazy":
-            log.warning("mitmcache: setting connection_strategy=lazy so hits are served without the origin")
+            if ctx.options.has_changed("connection_strategy"):  # the user asked for eager: say why not
+                log.warning("mitmcache: setting connection_strategy=lazy so hits are served without the origin")
             ctx.options.update(connection_strategy="lazy")
 
     async def request(self, flow: http.HTTPFlow) -> None:
