@@ -123,7 +123,7 @@ class HttpCache:
         self.stream_threshold: int | None = None  # mitmproxy's stream_large_bodies, in bytes
         # Fields a cache answer never carries from the stored response: its own status fields,
         # and purge tags unless passed through; compiled once per Settings object.
-        self._dropped: tuple[object, frozenset[str]] = (None, frozenset())
+        self._dropped: tuple[object, frozenset[str], frozenset[bytes]] = (None, frozenset(), frozenset())
         # Live per-flow state beside the flow, not in flow.metadata (which flow files keep).
         self._exchanges: weakref.WeakKeyDictionary[http.HTTPFlow, Exchange] = weakref.WeakKeyDictionary()
         self.replay: Replay | None = None  # record and replay (addons/replay.py), set by default_addons
@@ -261,23 +261,30 @@ class HttpCache:
         """Answer from the cache: the reply with its status fields, built in one go (the hit path)."""
         assert outcome.label is not None
         rendered = outcome.status.render()
+        flow.response = to_mitmproxy(reply, self._drop()[0], (("X-Cache-Status", outcome.label), ("Cache-Status", rendered)))
+        self._annotate(flow, outcome, rendered)
+
+    def _drop(self) -> tuple[frozenset[str], frozenset[bytes]]:
+        """Fields a response the cache handled never carries on: its own status fields (set
+        anew) and purge tags unless passed through — lower-case, as str and as bytes."""
         settings = self.service.settings
         if self._dropped[0] is not settings:
             tags = () if settings.tag_passthrough else settings.tag_headers
-            self._dropped = (settings, frozenset({"x-cache-status", "cache-status", *(t.lower() for t in tags)}))
-        flow.response = to_mitmproxy(reply, self._dropped[1], (("X-Cache-Status", outcome.label), ("Cache-Status", rendered)))
-        self._annotate(flow, outcome, rendered)
+            names = frozenset({"x-cache-status", "cache-status", *(t.lower() for t in tags)})
+            self._dropped = (settings, names, frozenset(n.encode() for n in names))
+        return self._dropped[1], self._dropped[2]
 
     def _render(self, flow: http.HTTPFlow, outcome: Outcome) -> None:
         resp = flow.response
         assert resp is not None and outcome.label is not None
         rendered = outcome.status.render()
-        settings = self.service.settings
-        if not settings.tag_passthrough:
-            for name in settings.tag_headers:  # purge tags are stored, not sent on (cache_tag_headers)
-                resp.headers.pop(name, None)
-        resp.headers["X-Cache-Status"] = outcome.label
-        resp.headers["Cache-Status"] = rendered
+        # One pass over the fields (mitmproxy's Headers edits cost more): purge tags are stored,
+        # not sent on (cache_tag_headers); the status fields are ours.
+        drop = self._drop()[1]
+        resp.headers.fields = (
+            *(f for f in resp.headers.fields if f[0].lower() not in drop),
+            (b"X-Cache-Status", outcome.label.encode()), (b"Cache-Status", _wire(rendered)),
+        )
         self._annotate(flow, outcome, rendered)
 
     def _annotate(self, flow: http.HTTPFlow, outcome: Outcome, rendered: str) -> None:
