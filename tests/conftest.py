@@ -32,10 +32,14 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeou
             out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
             raise RuntimeError(f"process exited with {proc.returncode}:\n{out}")
         try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
+            with socket.create_connection(("127.0.0.1", port), 0.2) as s:
+                # A connect to a free port in the ephemeral range can reach itself (TCP
+                # simultaneous open): that is nobody listening, and it holds the port.
+                if s.getsockname() != s.getpeername():
+                    return
         except OSError:
-            time.sleep(0.05)
+            pass
+        time.sleep(0.05)
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
@@ -105,6 +109,8 @@ def start_proxy(tmp: Path, mode: str, *sets: str, script: Path = ENTRY) -> Proxy
     """Start mitmdump with the addon; ``sets`` are ``name=value`` options (they win; a
     sequence option such as ``cache_policy`` may be given several times)."""
     port, metrics_port = free_port(), free_port()
+    while metrics_port == port:  # two binds to port 0 may hand out the same port
+        metrics_port = free_port()
     confdir = tmp / "mitmproxy-conf"
     confdir.mkdir(parents=True, exist_ok=True)
     options = {
@@ -205,6 +211,8 @@ class Web:
 def running_mitmweb(tmp: Path, origin: Origin, *sets: str) -> Iterator[Web]:
     """mitmweb with the addon in front of ``origin``; fails if it logged an addon error."""
     port, web_port = free_port(), free_port()
+    while web_port == port:
+        web_port = free_port()
     log = tmp / "mitmweb.log"
     args = [str(MITMWEB), "-s", str(ENTRY), "--mode", f"reverse:{origin.url}", "--listen-host", "127.0.0.1",
             "-p", str(port), "--web-port", str(web_port), "--no-web-open-browser",

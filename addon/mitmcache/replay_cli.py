@@ -81,9 +81,10 @@ def wait_until_listening(port: int, proc: subprocess.Popen[bytes], ca: Path, tim
         if proc.poll() is not None:
             return False
         try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            if ca.exists():
-                return True
+            with socket.create_connection(("127.0.0.1", port), 0.2) as s:
+                # A connect to a free ephemeral port can reach itself (TCP simultaneous open).
+                if s.getsockname() != s.getpeername() and ca.exists():
+                    return True
         except OSError:
             pass
         time.sleep(0.05)

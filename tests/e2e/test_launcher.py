@@ -25,6 +25,8 @@ CC = quote("max-age=300", safe="")
 def launch(tmp: Path, *args: str) -> Proxy:
     """``scripts/run ARGS -p PORT`` with its own confdir and metrics port, once it listens."""
     port, metrics_port = free_port(), free_port()
+    while metrics_port == port:  # two binds to port 0 may hand out the same port
+        metrics_port = free_port()
     confdir = tmp / "mitmproxy-conf"
     argv = [str(RUN), *args, "--listen-host", "127.0.0.1", "-p", str(port),
             "--set", f"confdir={confdir}", "--set", f"cache_metrics_port={metrics_port}"]
