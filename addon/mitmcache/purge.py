@@ -93,10 +93,6 @@ def tags_of(headers: HeaderList, tag_headers: tuple[str, ...]) -> tuple[str, ...
     return tuple(tags)
 
 
-def strip_tags(headers: HeaderList, tag_headers: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
-    return tuple((k, v) for k, v in headers if k.lower() not in tag_headers)
-
-
 def origin_of(key: str) -> str:
     """``scheme://authority`` of a cache key (its host group)."""
     scheme, sep, rest = key.partition("://")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator
 from urllib.parse import quote
 
 import pytest
@@ -22,19 +21,6 @@ from tests.driver import Driver, running_service
 from tests.origin import Origin
 
 LONG = quote("max-age=60")
-
-
-@pytest.fixture
-async def service() -> AsyncIterator[CacheService]:
-    async with running_service() as s:
-        yield s
-
-
-@pytest.fixture
-async def driver(service: CacheService, origin: Origin) -> AsyncIterator[Driver]:
-    d = Driver(service, origin)
-    yield d
-    await d.aclose()
 
 
 def hfp(service: CacheService, event: str) -> float | None:

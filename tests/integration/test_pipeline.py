@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import zlib
-from collections.abc import AsyncIterator
 from urllib.parse import quote
 
 import pytest
@@ -21,19 +20,6 @@ from tests.origin import Origin, _Handler
 SHORT = quote("max-age=2")
 LONG = quote("max-age=60")
 PAST_SHORT = 3.2  # seconds: a max-age=2 entry is stale after this, whatever the Date rounding
-
-
-@pytest.fixture
-async def service() -> AsyncIterator[CacheService]:
-    async with running_service() as s:
-        yield s
-
-
-@pytest.fixture
-async def driver(service: CacheService, origin: Origin) -> AsyncIterator[Driver]:
-    d = Driver(service, origin)
-    yield d
-    await d.aclose()
 
 
 def requests_total(service: CacheService, result: str) -> float | None:

@@ -42,3 +42,13 @@ async def test_hit_sends_the_header_bytes_the_origin_sent_rfc_9110_5_5(raws: lis
         await cache.request(hit)
         assert hit.response is not None and hit.response.headers["X-Cache-Status"] == "HIT"
         assert field_bytes(hit, b"X-Bytes") == field_bytes(miss, b"X-Bytes") == raws
+
+
+def test_a_cache_answer_drops_only_the_named_fields_and_adds_its_own() -> None:
+    from mitmcache.addons.http_cache import to_mitmproxy
+    from mitmcache.messages import Response
+
+    stored = Response(200, "OK", (("Surrogate-Key", "a"), ("ETag", '"x"'), ("cache-tag", "b")), b"body", 0.0, 0.0)
+    sent = to_mitmproxy(stored, frozenset({"surrogate-key", "cache-tag"}), (("X-Cache-Status", "HIT"),))
+    assert sent.headers.fields == ((b"ETag", b'"x"'), (b"X-Cache-Status", b"HIT"))
+    assert sent.content == b"body"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mitmcache.purge import Access, groups_for, origin_of, parse_tag_headers, strip_tags, tags_of
+from mitmcache.purge import Access, groups_for, origin_of, parse_tag_headers, tags_of
 
 TAG_HEADERS = ("surrogate-key", "cache-tag")
 
@@ -25,10 +25,6 @@ TAG_HEADERS = ("surrogate-key", "cache-tag")
 )
 def test_tags_of(headers: list[tuple[str, str]], expected: tuple[str, ...]) -> None:
     assert tags_of(headers, TAG_HEADERS) == expected
-
-
-def test_strip_tags_removes_only_tag_fields() -> None:
-    assert strip_tags([("Surrogate-Key", "a"), ("ETag", '"x"'), ("cache-tag", "b")], TAG_HEADERS) == (("ETag", '"x"'),)
 
 
 @pytest.mark.parametrize(

@@ -109,9 +109,15 @@ def to_mitmproxy(
     )
 
 
-def _content_length(resp: http.Response) -> int | None:
-    value = resp.headers.get("content-length", "")
-    return int(value) if value.isascii() and value.isdigit() and len(value) < 20 else None
+def body_length(flow: http.HTTPFlow) -> int | None:
+    """The response body's length as framed (mitmproxy's reader: Content-Length, 0 for
+    HEAD/1xx/204/304), None when unknown (chunked, read until close, or malformed)."""
+    assert flow.response is not None
+    try:
+        length = expected_http_body_size(flow.request, flow.response)
+    except ValueError:
+        return None
+    return length if length is not None and length >= 0 else None
 
 
 class HttpCache:
@@ -188,14 +194,9 @@ class HttpCache:
         resp = flow.response
         if resp is None or callable(resp.stream):
             return  # another addon streams it its own way
-        try:
-            length = expected_http_body_size(flow.request, resp)
-        except ValueError:
-            length = None
+        length = body_length(flow)
         if length == 0:
             return
-        if length is not None and length < 0:
-            length = None  # read until the connection closes
         limit = self.service.settings.max_object_bytes
         threshold = self.stream_threshold
         if not (
@@ -243,7 +244,7 @@ class HttpCache:
             received = dataclasses.replace(received, body=body, too_large=stream.size if body is None and stream.parts is None else None)
         elif stream and received.body is None:
             # Streamed untouched: it was too large to keep, or mitmproxy switched to streaming midway.
-            length = _content_length(flow.response)
+            length = body_length(flow)
             if length is not None and length > self.service.settings.max_object_bytes:
                 received = dataclasses.replace(received, too_large=length)
         replacement = await self.service.pipeline.response(ex, received)
