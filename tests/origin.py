@@ -35,6 +35,7 @@ import datetime
 import email.utils
 import ipaddress
 import ssl
+import sys
 import tempfile
 import threading
 import time
@@ -285,6 +286,11 @@ class _Server(ThreadingHTTPServer):
     # socketserver's default listen backlog is 5: a burst of connections beyond it waits for
     # SYN retransmits (a second each), which would look like the proxy serialising requests.
     request_queue_size = 128
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        if isinstance(sys.exception(), OSError):
+            return  # the client (the proxy) left first, e.g. after giving up on a slow answer
+        super().handle_error(request, client_address)  # type: ignore[arg-type]
 
 
 def start_origin(port: int = 0, tls: bool = False) -> Origin:

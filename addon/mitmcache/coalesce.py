@@ -20,6 +20,7 @@ class FlightResult(Enum):
     NOT_SHAREABLE = "not-shareable"  # waiters must fetch on their own (all at once)
     FAILED = "failed"  # the leader's fetch failed or its client left: elect a new leader
     STALE_IF_ERROR = "stale-if-error"  # the origin failed; waiters may serve the stale entry too
+    TIMED_OUT = "timed-out"  # no answer within cache_origin_timeout_ms: waiters answer 504 (or stale) too
 
 
 @dataclass(slots=True)

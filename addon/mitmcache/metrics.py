@@ -160,6 +160,11 @@ class Metrics:
             "mitmcache_invalidation_listeners", "Invalidation listeners by state (up: subscribed).", ["state"],
             registry=r,
         )
+        self.origin_timeouts = Counter(
+            "mitmcache_origin_timeouts",
+            "Forwarded requests leading a fetch whose origin gave no response headers within"
+            " cache_origin_timeout_ms (answered 504 or stale).", registry=r,
+        )
         # Purge (purge.py)
         self.purges = Counter(
             "mitmcache_purges", "Purges (HTTP PURGE and commands), by kind and mode.", ["kind", "mode"], registry=r

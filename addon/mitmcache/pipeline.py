@@ -261,6 +261,9 @@ class Pipeline:
                     return True
                 return False  # waited long enough: go alone
             result, resource = waited
+            if result is FlightResult.TIMED_OUT:
+                self._origin_timed_out(ex)  # the leader was answered so: its waiters share the deadline
+                return True
             if result is FlightResult.FAILED:
                 continue  # the leader failed or left: someone else leads now
             if resource is None or result is FlightResult.NOT_SHAREABLE:
@@ -308,6 +311,31 @@ class Pipeline:
         ex.reply = responses.gateway_timeout(now)
         outcome.why = WHY["origin-timeout"]
         outcome.label, outcome.result = MISS, "miss"
+
+    def origin_deadline(self, ex: Exchange) -> float | None:
+        """Seconds from now until a forwarded request that leads its key's fetch (or revalidates
+        a stored response) has outlived cache_origin_timeout_ms — the deadline its waiters share —
+        or None for requests the cache does not wait on (passes, bypasses, ranges, no-cache)."""
+        if ex.flight is not None:
+            return ex.flight.started + self.service.settings.origin_timeout - time.monotonic()
+        if ex.revalidating is not None:
+            return self.service.settings.origin_timeout
+        return None
+
+    def origin_timed_out(self, ex: Exchange) -> Response:
+        """The origin gave no response headers by ``origin_deadline``: the answer for this
+        request — the stale entry where stale-if-error allows it (RFC 5861 §4), else 504 (RFC
+        9110 §15.6.5). The caller sends it, then calls ``abandon_fetch``."""
+        self._origin_timed_out(ex)
+        assert ex.reply is not None
+        self.service.metrics.origin_timeouts.inc()
+        return ex.reply
+
+    async def abandon_fetch(self, ex: Exchange) -> None:
+        """After ``origin_timed_out``: its waiters answer the same way at once, its lease is
+        released; the origin's late answer is never stored (its connection is closed)."""
+        await self._finish(ex, FlightResult.TIMED_OUT)
+        self.complete(ex)
 
     def _serve_stale_if_error(self, ex: Exchange, stale: StoredResponse, now: float) -> None:
         """RFC 5861 §4: the origin failed (or took too long); answer with the stale entry."""

@@ -8,6 +8,7 @@ what reaches it. Stale entries are made by waiting: ``Date`` has whole seconds, 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import zlib
 from urllib.parse import quote
 
@@ -244,3 +245,29 @@ async def test_stale_if_error_serves_stale_when_origin_fails(fresh_origin: Origi
         assert "stale-if-error" in answer.cache_status
         assert sample(service, "mitmcache_stale_if_error_total") == 1
         assert requests_total(service, "stale") == 1
+
+
+async def test_origin_deadline_is_shared_by_the_leader_and_its_waiters(driver: Driver, service: CacheService) -> None:
+    """Only requests the cache waits on get a deadline (the leader of a fetch, shared with its
+    waiters); when it passes, the leader's answer is a 504 and its waiters get one at once,
+    without a second request to the origin."""
+    pipeline = service.pipeline
+    service.settings = dataclasses.replace(service.settings, origin_timeout=30.0)
+    leader = await pipeline.request(driver.request("GET", "/deadline?cc=max-age%3D60"))
+    delay = pipeline.origin_deadline(leader)
+    assert leader.flight is not None and delay is not None and 29.0 < delay <= 30.0
+    waiter = asyncio.create_task(pipeline.request(driver.request("GET", "/deadline?cc=max-age%3D60")))
+    await wait_until(lambda: leader.flight is not None and leader.flight.waiters == 1, what="a waiter")
+    reply = pipeline.origin_timed_out(leader)
+    await pipeline.abandon_fetch(leader)
+    waited = await asyncio.wait_for(waiter, 5.0)
+    assert reply.status == 504 and "origin-timeout" in leader.outcome.status.render()
+    assert waited.reply is not None and waited.reply.status == 504
+    assert "origin-timeout" in waited.outcome.status.render()
+    assert service.metrics.origin_timeouts._value.get() == 1
+    assert driver.origin.count("/deadline?cc=max-age%3D60") == 0  # neither went to the origin here
+    # Requests the cache does not wait on keep mitmproxy's own limits.
+    no_cache = await pipeline.request(driver.request("GET", "/deadline?cc=max-age%3D60", [("Cache-Control", "no-cache")]))
+    assert no_cache.flight is None and pipeline.origin_deadline(no_cache) is None
+    post = await pipeline.request(driver.request("POST", "/deadline"))
+    assert pipeline.origin_deadline(post) is None

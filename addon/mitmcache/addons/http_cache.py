@@ -7,6 +7,7 @@ onto the flow, and renders the request's ``Outcome`` once: ``X-Cache-Status``,
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -23,6 +24,7 @@ from ..outcome import HIT, MISS, STALE, Outcome
 from ..pipeline import Exchange
 from ..policy import PolicySet
 from ..service import CacheService
+from . import origin_deadline
 from .config import reject_unparsable, report_option_errors
 from .policies import match_flow
 from .replay import Replay
@@ -132,6 +134,9 @@ class HttpCache:
         self._dropped: tuple[object, frozenset[str], frozenset[bytes]] = (None, frozenset(), frozenset())
         # Live per-flow state beside the flow, not in flow.metadata (which flow files keep).
         self._exchanges: weakref.WeakKeyDictionary[http.HTTPFlow, Exchange] = weakref.WeakKeyDictionary()
+        # Forwarded requests the cache waits on, until their response headers arrive.
+        self._deadlines: dict[http.HTTPFlow, asyncio.TimerHandle] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
         self.replay: Replay | None = None  # record and replay (addons/replay.py), set by default_addons
         self.purge: Callable[[http.HTTPFlow], Awaitable[None]] | None = None  # answers PURGE (addons/purge.py)
 
@@ -177,6 +182,9 @@ class HttpCache:
             self._answer(flow, ex.reply, ex.outcome)
             return
         self._exchanges[flow] = ex
+        delay = self.service.pipeline.origin_deadline(ex)
+        if delay is not None:
+            self._deadlines[flow] = asyncio.get_running_loop().call_later(max(0.0, delay), self._deadline_passed, flow)
         if ex.validators or ex.strip_conditionals:
             headers = flow.request.headers
             for name in ("if-none-match", "if-modified-since"):
@@ -191,6 +199,8 @@ class HttpCache:
         goes through a ``Tee`` (stored while it streams, when it ends whole within
         cache_max_object_bytes). Its headers leave now, so they say MISS now
         (``detail=streamed``); the flow's comment and metadata get the final outcome."""
+        if self._deadlines:
+            self._disarm(flow)
         resp = flow.response
         if resp is None or callable(resp.stream):
             return  # another addon streams it its own way
@@ -254,9 +264,54 @@ class HttpCache:
             self._render(flow, ex.outcome)
 
     async def error(self, flow: http.HTTPFlow) -> None:
+        self._disarm(flow)
         ex = self._exchanges.pop(flow, None)
         if ex is not None:
             await self.service.pipeline.error(ex)
+
+    def _disarm(self, flow: http.HTTPFlow) -> None:
+        timer = self._deadlines.pop(flow, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _deadline_passed(self, flow: http.HTTPFlow) -> None:
+        self._deadlines.pop(flow, None)
+        task = asyncio.ensure_future(self._time_out(flow))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _time_out(self, flow: http.HTTPFlow) -> None:
+        """The origin gave no response headers within cache_origin_timeout_ms: answer the flow
+        as its waiters are answered (origin_deadline.py delivers it), and give up the fetch."""
+        ex = self._exchanges.get(flow)
+        if ex is None or flow.response is not None or not flow.live:
+            return
+        timeout_ms = round(self.service.settings.origin_timeout * 1000)
+        why = f"the origin did not answer within cache_origin_timeout_ms ({timeout_ms} ms)"
+
+        def build() -> http.Response:
+            self._exchanges.pop(flow, None)  # the response hook sees our answer, not the origin's
+            reply = self.service.pipeline.origin_timed_out(ex)
+            rendered = ex.outcome.status.render()
+            assert ex.outcome.label is not None
+            response = to_mitmproxy(reply, self._drop()[0], (("X-Cache-Status", ex.outcome.label), ("Cache-Status", rendered)))
+            self._annotate(flow, ex.outcome, rendered)
+            return response
+
+        try:
+            route = await origin_deadline.answer(flow, build, why)
+        except Exception:  # mitmproxy internals: never an addon error, the flow goes on as it is
+            log.exception(f"mitmcache: could not answer {flow.request.url} after its origin timed out")
+            route = None
+        if route is None:
+            if flow in self._exchanges:
+                log.info(f"mitmcache: {why} for {flow.request.url}; mitmproxy keeps waiting (see README, Protecting the origin)")
+            else:  # answered the pipeline's way but not delivered: the stream's own end (error hook) follows
+                await self.service.pipeline.abandon_fetch(ex)
+            return
+        log.info(f"mitmcache: {why} for {flow.request.url}: answered {ex.reply.status if ex.reply else 504}" + (
+            " (mitmproxy's error page inside a CONNECT tunnel)" if route == "tunneled" else ""))
+        await self.service.pipeline.abandon_fetch(ex)
 
     def _answer(self, flow: http.HTTPFlow, reply: Response, outcome: Outcome) -> None:
         """Answer from the cache: the reply with its status fields, built in one go (the hit path)."""

@@ -44,7 +44,8 @@ class Revalidation:
         )
         loader.add_option(
             "cache_origin_timeout_ms", int, 10000,
-            "Timeout of the cache's own requests to the origin (revalidation, stale-if-error).",
+            "How long the origin may take: the cache's own requests (revalidation, stale-if-error), and "
+            "the response headers of a forwarded request leading a fetch (then 504); its waiters share it.",
         )
         loader.add_option(
             "cache_hit_for_pass", int, 10,
