@@ -10,15 +10,15 @@ This module answers such a flow the way mitmproxy's own ``inject.websocket``/``i
 commands reach a live connection (``Proxyserver.inject_event``): it hands the flow's connection
 handler events addressed to the flow's HTTP stream, as if the origin had answered — response
 headers, body, end of message — and the stream runs its ``responseheaders``/``response`` hooks and
-sends the answer as it would any other. The server connection, which still has the request
-outstanding, is first marked half-closed (so no later request reuses it: its late answer would
-be taken for that request's) and closed once the stream is done.
+sends the answer as it would any other. Before that, the server connection, which still has the
+request outstanding, is cut off from the stream (its late answer or disconnect reaches no one)
+and closed (no later request reuses it: the late answer would be taken for that request's).
 
 Where events cannot take that route it does less, and says so in its result:
 
 - The flow runs inside a CONNECT tunnel (HTTPS interception in regular or upstream mode): the
   tunnel turns injected body events into raw bytes for the server, so the stream is told the
-  origin failed with a 504 instead (mitmproxy's error page; the client connection closes).
+  origin failed with a 504 instead (mitmproxy's error page; an HTTP/1 client connection closes).
 - The origin speaks HTTP/2 or HTTP/3, the stream is not waiting for response headers (the
   connection is still being opened, or the answer has begun), or the connection is gone:
   nothing is done (``None``) and mitmproxy's own limits apply.
@@ -30,13 +30,11 @@ drives every route through a real ``mitmdump``.
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from collections.abc import Callable
 from typing import Any, Literal
 
 from mitmproxy import ctx, http
-from mitmproxy.connection import ConnectionState
+from mitmproxy.connection import Client, ConnectionState, Server
 from mitmproxy.proxy import events
 from mitmproxy.proxy.layers.http import (
     HttpLayer,
@@ -46,30 +44,34 @@ from mitmproxy.proxy.layers.http import (
     ResponseHeaders,
     ResponseProtocolError,
 )
-
-log = logging.getLogger("mitmcache")
+from mitmproxy.proxy.layers.http._http1 import Http1Client
 
 Route = Literal["direct", "tunneled"]
 HTTP1_ALPN = (None, b"", b"http/1.1", b"http/1.0")
-# Bounds: layer-stack depth searched, and how long the server connection is kept (seconds)
-# while the stream finishes sending the answer.
-MAX_DEPTH = 32
-CLOSE_AFTER_S = 5.0
+MAX_DEPTH = 32  # layers searched below a connection's top layer
+
+
+class _Route:
+    """Stands for the flow in the injected events: the HTTP layers find the stream they go to
+    under ``server_conn`` in their ``connections`` (see ``answer``); nothing else reads it."""
+
+    def __init__(self, client_conn: Client, server_conn: Server) -> None:
+        self.client_conn, self.server_conn = client_conn, server_conn
 
 
 class _Headers(ResponseHeaders, events.MessageInjected):
-    def __init__(self, flow: http.HTTPFlow, stream_id: int, response: http.Response) -> None:
-        self.flow, self.message, self.stream_id, self.response, self.end_stream = flow, None, stream_id, response, False
+    def __init__(self, route: _Route, stream_id: int, response: http.Response) -> None:
+        self.flow, self.message, self.stream_id, self.response, self.end_stream = route, None, stream_id, response, False  # type: ignore[assignment]
 
 
 class _Data(ResponseData, events.MessageInjected):
-    def __init__(self, flow: http.HTTPFlow, stream_id: int, data: bytes) -> None:
-        self.flow, self.message, self.stream_id, self.data = flow, None, stream_id, data
+    def __init__(self, route: _Route, stream_id: int, data: bytes) -> None:
+        self.flow, self.message, self.stream_id, self.data = route, None, stream_id, data  # type: ignore[assignment]
 
 
 class _End(ResponseEndOfMessage, events.MessageInjected):
-    def __init__(self, flow: http.HTTPFlow, stream_id: int) -> None:
-        self.flow, self.message, self.stream_id = flow, None, stream_id
+    def __init__(self, route: _Route, stream_id: int) -> None:
+        self.flow, self.message, self.stream_id = route, None, stream_id  # type: ignore[assignment]
 
 
 class _GatewayTimeoutCode:
@@ -80,8 +82,8 @@ class _GatewayTimeoutCode:
 
 
 class _Failed(ResponseProtocolError, events.MessageInjected):
-    def __init__(self, flow: http.HTTPFlow, stream_id: int, message: str) -> None:
-        self.flow, self.message, self.stream_id = flow, message, stream_id
+    def __init__(self, route: _Route, stream_id: int, message: str) -> None:
+        self.flow, self.message, self.stream_id = route, message, stream_id  # type: ignore[assignment]
         self.code = _GatewayTimeoutCode()  # type: ignore[assignment]
 
 
@@ -97,21 +99,35 @@ def _children(layer: Any) -> list[Any]:
     return [below] if below is not None else []
 
 
-def find_stream(top: Any, flow: http.HTTPFlow) -> tuple[HttpStream, Route] | None:
-    """The HTTP stream carrying ``flow`` under the connection's top layer, and whether it runs
-    inside a CONNECT tunnel (below another stream)."""
-    todo: list[tuple[Any, bool, int]] = [(top, False, 0)]
+def find_stream(top: Any, flow: http.HTTPFlow) -> list[tuple[HttpLayer, HttpStream]] | None:
+    """The way from the connection's top layer down to the HTTP stream carrying ``flow``: each
+    HTTP layer on it with the stream it leads to — one pair, or two and more when the flow runs
+    inside CONNECT tunnels (the outer layer's stream is the tunnel's)."""
+    todo: list[tuple[Any, tuple[tuple[HttpLayer, HttpStream], ...], HttpLayer | None, int]] = [(top, (), None, 0)]
     while todo:
-        layer, tunneled, depth = todo.pop()
+        layer, way, parent, depth = todo.pop()
         if depth > MAX_DEPTH:
             continue
         if isinstance(layer, HttpStream):
+            if parent is None:
+                continue
             if layer.flow is flow:
-                return layer, "tunneled" if tunneled else "direct"
+                return [*way, (parent, layer)]
             if layer.child_layer is not None:
-                todo.append((layer.child_layer, True, depth + 1))
+                todo.append((layer.child_layer, (*way, (parent, layer)), None, depth + 1))
             continue
-        todo.extend((child, tunneled, depth + 1) for child in _children(layer))
+        if isinstance(layer, HttpLayer):
+            parent = layer
+        todo.extend((child, way, parent, depth + 1) for child in _children(layer))
+    return None
+
+
+def _http1_client(layer: Any) -> Http1Client | None:
+    """The HTTP/1 client layer at the bottom of a server connection's stack (TLS, HttpClient)."""
+    for _ in range(MAX_DEPTH):
+        if layer is None or isinstance(layer, Http1Client):
+            return layer
+        layer = getattr(layer, "child_layer", None)
     return None
 
 
@@ -119,50 +135,47 @@ async def answer(flow: http.HTTPFlow, build: Callable[[], http.Response], why: s
     """Answer ``flow``, forwarded and still waiting for the origin's response headers, with the
     response ``build()`` makes (direct route) or a 504 error page naming ``why`` (tunneled route;
     ``build`` is still called, so the caller records its outcome). ``build`` is called only once
-    the flow is known to be answerable, and nothing else runs between it and the answer. Returns
-    the route taken, or None when the flow could not be answered (see the module docstring)."""
+    the flow is known to be answerable. Returns the route taken, or None when the flow could not
+    be answered (see the module docstring)."""
     proxyserver = ctx.master.addons.get("proxyserver")
     handler = getattr(proxyserver, "connections", {}).get(flow.client_conn.id)
     server = flow.server_conn
     if handler is None or flow.response is not None or not server.connected or server.alpn not in HTTP1_ALPN:
         return None
-    lock: asyncio.Lock = handler._server_event_lock
-    for _ in range(100):  # the handler's events run synchronously under it: wait until it is free
-        if not lock.locked():
-            break
-        await asyncio.sleep(0)
-    else:
-        return None
-    found = find_stream(handler.layer, flow)
+    way = find_stream(handler.layer, flow)
     # Only a stream waiting for response headers can take them: a stream still opening its
     # connection, or already receiving the origin's answer, is left alone.
-    if found is None or found[0].server_state.__name__ != "state_wait_for_response_headers":
+    if way is None or way[-1][1].server_state.__name__ != "state_wait_for_response_headers":
         return None
-    stream, route = found
+    http_layer, stream = way[-1]
+    client = _http1_client(http_layer.connections.get(server))
+    if client is None or client.stream_id != stream.stream_id:
+        return None
     response = build()
-    # From here to the last injected event nothing awaits a contended lock, so the origin's
-    # answer cannot slip in between: the stream sees ours whole, or (had it come first) ours not at all.
-    server.state = ConnectionState.CAN_READ  # never reused: its late answer belongs to no one
-    if route == "direct":
-        for event in (
-            _Headers(flow, stream.stream_id, response),
-            _Data(flow, stream.stream_id, response.raw_content or b""),
-            _End(flow, stream.stream_id),
-        ):
+    # First cut the origin off from the stream: the server connection's client layer now
+    # addresses stream 0, which never exists (and, being falsy, is not told of the close), so
+    # the origin's late answer or its disconnect reaches no one, whenever it comes. The injected
+    # events find the stream on their own way instead: each HTTP layer on it maps a connection
+    # no one else uses to the stream to pass them to (a closed Server never matches a request's
+    # connection spec, so no request picks it up meanwhile).
+    client.stream_id = 0
+    server.state = ConnectionState.CAN_READ  # no request reuses it until it is closed below
+    route = _Route(flow.client_conn, Server(address=None))
+    for layer, on_way in way:
+        layer.connections[route.server_conn] = on_way
+    sid = stream.stream_id
+    tunneled = len(way) > 1
+    injected: tuple[events.Event, ...] = (
+        (_Failed(route, sid, why),)
+        if tunneled  # a tunnel turns body events into bytes for the server: an error page instead
+        else (_Headers(route, sid, response), _Data(route, sid, response.raw_content or b""), _End(route, sid))
+    )
+    try:
+        for event in injected:
             await handler.server_event(event)
-    else:
-        await handler.server_event(_Failed(flow, stream.stream_id, why))
-    asyncio.get_running_loop().call_later(0, _close_when_done, handler, flow, CLOSE_AFTER_S)
-    return route
-
-
-def _close_when_done(handler: Any, flow: http.HTTPFlow, budget: float) -> None:
-    """Close the server connection once the stream finished with the flow (closing it earlier
-    would make the stream report the origin's disconnect to the client)."""
-    server = flow.server_conn
-    if server not in handler.transports or server.state is ConnectionState.CLOSED:
-        return
-    if flow.live and budget > 0:
-        asyncio.get_running_loop().call_later(0.01, _close_when_done, handler, flow, budget - 0.01)
-        return
-    handler.close_connection(server)
+    finally:
+        for layer, _ in way:
+            layer.connections.pop(route.server_conn, None)
+        if server in handler.transports and server.state is not ConnectionState.CLOSED:
+            handler.close_connection(server)
+    return "tunneled" if tunneled else "direct"
