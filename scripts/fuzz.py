@@ -10,7 +10,9 @@ response whole with a per-request timeout, and checks:
 
   (a) addon-error      "Addon error" / "Traceback" in mitmdump's output
   (b) proxy-5xx        5xx responses the origin did not send (a 504 for only-if-cached is
-                       legitimate and counted apart as only-if-cached-504)
+                       legitimate and counted apart as only-if-cached-504; with
+                       --origin-timeout-ms, so is the cache's 504 detail=origin-timeout for a
+                       URL the origin was slower than that on, as origin-timeout-504)
   (c) wrong-answer     a response whose body (or, without a body, whose X-Fuzz-Answer header)
                        names an origin answer made for another target / authority / method /
                        Vary'd variant than this request should get, or a body that is not
@@ -40,7 +42,8 @@ received, status, fields, body hash) by serial. Every client request carries a u
 
 Other options: --workers (concurrent client connections, 8), --rate (exchanges started per
 second, 100; bursts of requests for one URL start together), --request-timeout (10 s),
---nodes (Valkey nodes, 0 = L1 only), --addon (another checkout's entry file, e.g. to check
+--nodes (Valkey nodes, 0 = L1 only), --origin-timeout-ms (the proxies' cache_origin_timeout_ms:
+below the origin's slowest answers, 300 ms, it drives the cache's deadline on forwarded requests), --addon (another checkout's entry file, e.g. to check
 that an older commit's faults are found), --dump FILE (every exchange as a JSON line),
 --json FILE (the result), --only ID,ID (send only those exchanges of the same plan, one at a
 time, on fresh proxies: to reproduce a finding), --print-requests N (show the plan).
@@ -86,7 +89,7 @@ ANSWER_HEADER = "X-Fuzz-Answer"
 MAX_EXAMPLES = 10
 KINDS = (
     "addon-error", "proxy-5xx", "only-if-cached-504", "wrong-answer", "timeout", "cookie-leak",
-    "shared-private", "5xx-over-stored", "no-response", "origin-crash",
+    "shared-private", "5xx-over-stored", "no-response", "origin-crash", "origin-timeout-504",
 )
 FAILING = ("addon-error", "proxy-5xx", "wrong-answer", "cookie-leak", "shared-private", "5xx-over-stored")
 PROXY_TOKEN = b"{PROXY}"
@@ -311,6 +314,7 @@ class Record:
     head: bytes  # status line + fields as sent
     body_start: bytes
     time: float
+    delay: float = 0.0  # seconds the origin waited before answering
 
     @property
     def view(self) -> View:
@@ -529,6 +533,7 @@ class _OriginHandler(BaseHTTPRequestHandler):
             origin.records[serial] = Record(
                 serial, rid, self.command, target, host[0].encode("latin-1") if host else None, headers, status,
                 fields, hashlib.sha256(sent).hexdigest(), len(sent), len(body), raw_head, sent[:300], time.time(),
+                delay,
             )
             origin.by_rid[rid].append(serial)
         self.wfile.write(raw_head + sent)
@@ -949,8 +954,13 @@ def describe_record(rec: Record) -> str:
 _SERIAL = re.compile(rb"^answer #(\d+) to ")
 
 
-def check(result: Result, exchanges: list[Exchange], origin: FuzzOrigin) -> None:
+def check(result: Result, exchanges: list[Exchange], origin: FuzzOrigin, origin_timeout_ms: int | None = None) -> None:
     records = origin.records
+    # Paths the origin was slower on than the cache's deadline (origin-timeout-504 is legitimate there).
+    slow_paths = {
+        path_of(rec.target) for rec in records.values()
+        if origin_timeout_ms is not None and rec.delay * 1000 >= origin_timeout_ms
+    }
     by_rid = origin.by_rid
     ex_by_rid = {ex.rid: ex for ex in exchanges if ex.raw}
     origin_auth = norm_authority(origin.authority.encode())
@@ -1048,6 +1058,11 @@ def check(result: Result, exchanges: list[Exchange], origin: FuzzOrigin) -> None
                     pass  # reported as origin-crash
                 elif ex.status == 504 and ex.only_if_cached:
                     result.add("only-if-cached-504", describe(ex))
+                elif (
+                    ex.status == 504 and path_of(client_target(ex)) in slow_paths
+                    and "origin-timeout" in ",".join(header_values(ex.response_headers, "cache-status"))
+                ):
+                    result.add("origin-timeout-504", describe(ex))
                 else:
                     result.add("proxy-5xx", f"{describe(ex)} body {short(ex.response_body, 300)}; origin answers to "
                                f"this request: {[records[s].status for s in by_rid.get(ex.rid, [])]}")
@@ -1137,6 +1152,13 @@ def named_serial(ex: Exchange, records: dict[int, Record]) -> int | None:
     return None
 
 
+def path_of(target: bytes) -> bytes:
+    """The path of a request target in origin or absolute form (no query)."""
+    if b"://" in target[:16]:
+        target = b"/" + target.split(b"://", 1)[1].partition(b"/")[2]
+    return target.split(b"?")[0]
+
+
 def client_target(ex: Exchange) -> bytes:
     return ex.raw.split(b" ", 2)[1] if ex.raw else ex.target
 
@@ -1224,7 +1246,7 @@ def scan_output(result: Result, name: str, drain: OutputDrain, exchanges: list[E
 def run(seed: int, exchanges: int, proxies: int = 2, time_limit: float = 600.0, workers: int = 8,
         request_timeout: float = 10.0, rate: float = 100.0, tmp: Path | None = None, nodes: int = 3,
         verbose: bool = False, dump: Path | None = None, addon: Path = ENTRY,
-        only: set[str] | None = None) -> Result:
+        only: set[str] | None = None, origin_timeout_ms: int | None = None) -> Result:
     """Start origin, ring and proxies, run the exchanges, stop everything, check; returns the result."""
     t_start = time.monotonic()
     deadline = t_start + time_limit
@@ -1242,6 +1264,8 @@ def run(seed: int, exchanges: int, proxies: int = 2, time_limit: float = 600.0, 
         urls = ",".join(n.url for n in ring)
         for i in range(proxies):
             sets = [f"cache_valkey_urls={urls}"] if urls else []
+            if origin_timeout_ms is not None:
+                sets.append(f"cache_origin_timeout_ms={origin_timeout_ms}")
             p = start_proxy(tmp / f"proxy{i}", f"reverse:http://{origin.authority}", *sets, script=addon)
             running.append((p, OutputDrain(p.proc)))
         if verbose:
@@ -1261,7 +1285,7 @@ def run(seed: int, exchanges: int, proxies: int = 2, time_limit: float = 600.0, 
     for i, (_, drain) in enumerate(running):
         scan_output(result, f"proxy {i}", drain, plan, i)
     result.origin_requests = len(origin.records)
-    check(result, plan, origin)
+    check(result, plan, origin, origin_timeout_ms)
     if dump is not None:
         write_dump(dump, plan, origin)
     return result
@@ -1294,6 +1318,7 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=100.0,
                         help="at most this many exchanges started per second (0 = no limit)")
     parser.add_argument("--nodes", type=int, default=3, help="Valkey nodes in the ring (0 = L1 only)")
+    parser.add_argument("--origin-timeout-ms", type=int, help="the proxies' cache_origin_timeout_ms (default: theirs)")
     parser.add_argument("--dump", type=Path, help="write every exchange as a JSON line here")
     parser.add_argument("--addon", type=Path, default=ENTRY,
                         help="the -s entry file (e.g. another checkout's addon/mitmcache_addon.py)")
@@ -1310,7 +1335,7 @@ def main() -> int:
         return 0
     result = run(args.seed, args.exchanges, args.proxies, args.time_limit, args.workers, args.request_timeout,
                  args.rate, nodes=args.nodes, verbose=args.verbose, dump=args.dump, addon=args.addon.resolve(),
-                 only=set(args.only.split(",")) if args.only else None)
+                 only=set(args.only.split(",")) if args.only else None, origin_timeout_ms=args.origin_timeout_ms)
     print(result.summary())
     if args.json:
         args.json.write_text(json.dumps(result.to_json(), indent=1))
