@@ -154,6 +154,16 @@ class Target:
     expect: str | None  # X-Cache-Status the warm-up must see (None: no header)
     proc: subprocess.Popen[bytes]
     samples: list[float] = field(default_factory=list)
+    cpu_us: list[float] = field(default_factory=list)  # proxy CPU (user + system) per request
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc (0.0 where there is no /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def spawn(argv: list[str], port: int, log: Path) -> subprocess.Popen[bytes]:
@@ -287,10 +297,11 @@ def spread(values: list[float], fmt: str) -> str:
 def report(targets: list[Target], rounds: int, how: str) -> None:
     by_name = {t.name: t for t in targets}
     print(f"\n{how}; {rounds} rounds, medians (min–max)\n")
-    print("| target | req/s | min–max |")
-    print("|---|---|---|")
+    print("| target | req/s | min–max | proxy CPU µs/req |")
+    print("|---|---|---|---|")
     for t in targets:
-        print(f"| {t.name} | {statistics.median(t.samples):.0f} | {spread(t.samples, '{:.0f}')} |")
+        print(f"| {t.name} | {statistics.median(t.samples):.0f} | {spread(t.samples, '{:.0f}')} "
+              f"| {statistics.median(t.cpu_us):.0f} ({spread(t.cpu_us, '{:.0f}')}) |")
     print("\n| ratio | median | min–max |")
     print("|---|---|---|")
     for label, num, den in RATIOS:
@@ -410,8 +421,10 @@ def main() -> int:
         for r_ in range(args.rounds):
             order = targets[r_ % len(targets):] + targets[: r_ % len(targets)]
             for t in order:
+                cpu = proc_cpu_seconds(t.proc.pid)
                 t.samples.append(measure(t.port, t.path, args.seconds, args.conns))
-                print(f"round {r_ + 1} {t.name:16} {t.samples[-1]:8.0f} req/s", flush=True)
+                t.cpu_us.append((proc_cpu_seconds(t.proc.pid) - cpu) / (t.samples[-1] * args.seconds) * 1e6)
+                print(f"round {r_ + 1} {t.name:16} {t.samples[-1]:8.0f} req/s {t.cpu_us[-1]:6.0f} µs CPU/req", flush=True)
         how = (f"{'wrk -t1' if use_wrk else 'asyncio load'} -c{args.conns}, {args.size} B bodies, "
                f"{args.seconds:g} s per target and round, origin: {origin_kind}")
         report(targets, args.rounds, how)
