@@ -108,10 +108,9 @@ class Node:
         self.pending_deletes: set[str] = set()
         self.listener: Listener | None = None
         # Reads asked for in this loop tick, sent together as one MGET (auto-pipelining); the
-        # task that will send them, the loop they were asked in, and every batch on its way
-        # (strong references: the loop keeps only weak ones).
+        # loop they were asked in, and every batch on its way (strong references: the loop
+        # keeps only weak ones).
         self._reads: list[tuple[str, asyncio.Future[bytes | None]]] = []
-        self._sender: asyncio.Task[None] | None = None
         self._reads_loop: asyncio.AbstractEventLoop | None = None
         self._batches: set[asyncio.Task[None]] = set()
 
@@ -126,17 +125,22 @@ class Node:
         or OSError; cancelling it (a caller gone) leaves the other reads alone."""
         loop = asyncio.get_running_loop()
         if self._reads_loop is not loop:  # reads left by a loop that stopped before sending them
-            self._reads, self._sender, self._reads_loop = [], None, loop
+            self._reads, self._reads_loop = [], loop
         future: asyncio.Future[bytes | None] = loop.create_future()
+        if not self._reads:
+            # call_soon, not create_task: mitmproxy's eager task factory would start a task
+            # at once, before the tick's other reads are asked for.
+            loop.call_soon(self._send_reads, loop.time() + timeout)
         self._reads.append((key, future))
-        if self._sender is None or self._sender.done():  # (done: cancelled before it ran)
-            self._sender = task = loop.create_task(self._send_reads(loop.time() + timeout))
-            self._batches.add(task)
-            task.add_done_callback(self._batches.discard)
         return future
 
-    async def _send_reads(self, deadline: float) -> None:
-        batch, self._reads, self._sender = self._reads, [], None
+    def _send_reads(self, deadline: float) -> None:
+        batch, self._reads = self._reads, []
+        task = asyncio.get_running_loop().create_task(self._mget(batch, deadline))
+        self._batches.add(task)
+        task.add_done_callback(self._batches.discard)
+
+    async def _mget(self, batch: list[tuple[str, asyncio.Future[bytes | None]]], deadline: float) -> None:
         try:
             # One deadline for the batch; valkey-py drops the connection when it cuts a read short.
             async with asyncio.timeout_at(deadline):
