@@ -7,6 +7,9 @@ Valkey ring, and one proxy per target, all in reverse mode to the origin (``-q``
   upstream          stock mitmdump, no addon: every request goes to the origin
   ceiling           stock mitmdump + an addon answering from memory in the request hook
                     (mitmproxy's ceiling for any hit: scripts/baseline_memory_addon.py)
+  ceiling-get       the same answer after one bare GET round trip to a ring node, on the
+                    leanest client there is (the floor for any L2 hit:
+                    scripts/baseline_valkey_get_addon.py)
   l1                stock mitmdump -s the cache, L1 only: every request an L1 hit
   l2                stock mitmdump -s the cache, cache_l1_ttl=0: every hit read from Valkey
   nostore-l1/-l2    the l1 / l2 proxies asked for a ``Cache-Control: no-store`` URL
@@ -57,12 +60,15 @@ from tests.conftest import ENTRY, MITMDUMP, stop_process, wait_for_port  # noqa:
 
 PYTHON = sys.executable
 BASELINE = ROOT / "scripts" / "baseline_memory_addon.py"
+BASELINE_GET = ROOT / "scripts" / "baseline_valkey_get_addon.py"
 HOT, NOSTORE = "/hot", "/nostore"
 
 # Ratios printed under the table: (label, numerator, denominator).
 RATIOS = [
     ("L1 hit / ceiling", "l1", "ceiling"),
     ("L2 hit / ceiling", "l2", "ceiling"),
+    ("ceiling with a bare GET / ceiling", "ceiling-get", "ceiling"),
+    ("L2 hit / ceiling with a bare GET", "l2", "ceiling-get"),
     ("no-store, L1 only / no addon", "nostore-l1", "upstream"),
     ("no-store, with L2 / no addon", "nostore-l2", "upstream"),
     ("fast ceiling / stock ceiling", "fast-ceiling", "ceiling"),
@@ -202,7 +208,8 @@ def fast_ceiling_main(argv: list[str]) -> int:
     return fastdump.run(argv, lambda: module.addons[0], use_uvloop)
 
 
-def start_targets(args: argparse.Namespace, origin: str, urls: str, tmp: Path) -> list[Target]:
+def start_targets(args: argparse.Namespace, origin: str, nodes: list[ValkeyNode], tmp: Path) -> list[Target]:
+    urls = ",".join(n.url for n in nodes)
     wanted = set(args.only.split(",")) if args.only else None
 
     def want(*names: str) -> bool:
@@ -223,6 +230,8 @@ def start_targets(args: argparse.Namespace, origin: str, urls: str, tmp: Path) -
     stock = [str(MITMDUMP)]
     add([("upstream", HOT, None)], lambda p, c: [*stock, *proxy_args(p, origin, c)])
     add([("ceiling", HOT, "HIT")], lambda p, c: [*stock, "-s", str(BASELINE), *proxy_args(p, origin, c)])
+    add([("ceiling-get", HOT, "HIT")], lambda p, c: [*stock, "-s", str(BASELINE_GET),
+                                                     *proxy_args(p, origin, c, f"bench_valkey_port={nodes[0].port}")])
     add([("l1", HOT, "HIT"), ("nostore-l1", NOSTORE, "MISS")],
         lambda p, c: [*stock, "-s", str(ENTRY), *proxy_args(p, origin, c)])
     add([("l2", HOT, "HIT"), ("nostore-l2", NOSTORE, "MISS")],
@@ -409,7 +418,7 @@ def main() -> int:
     nodes: list[ValkeyNode] = start_nodes(3)
     targets: list[Target] = []
     try:
-        targets = start_targets(args, f"http://127.0.0.1:{origin_port}", ",".join(n.url for n in nodes), tmp)
+        targets = start_targets(args, f"http://127.0.0.1:{origin_port}", nodes, tmp)
         for t in targets:  # fill the cache, check the answer, warm up
             with httpx.Client(timeout=10) as c:
                 for _ in range(2):

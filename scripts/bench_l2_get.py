@@ -9,7 +9,8 @@ proxy pays per hit) per call, median over rounds (min–max), for each concurren
 
   raw GET          asyncio StreamReader/Writer, RESP written and parsed by hand: the floor
   client.get       valkey-py's ``Valkey.get`` as the tier's node client is set up
-  tier.get         ValkeyTier.get (placement, breaker, timeout, metrics)
+  tier.get         ValkeyTier.get (placement, breaker, timeout, metrics; reads of a loop tick
+                   leave as one MGET per node)
   store.get        TieredStore.get with ``l1_ttl=0`` (tier.get + decode + near-cache bookkeeping)
 
 Also prints whether valkey-py uses the libvalkey C parser (``valkey.utils.LIBVALKEY_AVAILABLE``).
@@ -92,6 +93,8 @@ class RawGet:
 
 
 async def run(args: argparse.Namespace) -> None:
+    # mitmproxy runs its loop with the eager task factory; so does this benchmark.
+    asyncio.get_running_loop().set_task_factory(asyncio.eager_task_factory)
     nodes = start_nodes(1)
     try:
         metrics = Metrics()
