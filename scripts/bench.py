@@ -18,6 +18,7 @@ Valkey ring, and one proxy per target, all in reverse mode to the origin (``-q``
   fast-l1           scripts/run --l1-only (the fast launcher, uvloop when installed)
   fast-l1-asyncio   scripts/run --l1-only --no-uvloop
   l1-before         (--before DIR) another checkout's cache, L1 only, stock mitmdump
+  l2-before         (--before DIR) another checkout's cache as ``l2`` (its own key prefix)
   l1-rules          (--rules N) the l1 proxy's config plus N cache_policy rules, the last matching
 
 Every round measures every target once, the order rotated each round; a target's figure is
@@ -79,6 +80,8 @@ RATIOS = [
     ("fast ceiling: uvloop / asyncio loop", "fast-ceiling", "fast-ceiling-asyncio"),
     ("fast L1 hit: uvloop / asyncio loop", "fast-l1", "fast-l1-asyncio"),
     ("L1 hit / before", "l1", "l1-before"),
+    ("L2 hit / before", "l2", "l2-before"),
+    ("L2 hit before / ceiling", "l2-before", "ceiling"),
     ("L1 hit with rules / L1 hit", "l1-rules", "l1"),
 ]
 
@@ -239,6 +242,8 @@ def start_targets(args: argparse.Namespace, origin: str, nodes: list[ValkeyNode]
     if args.before is not None:
         before = args.before / "addon" / "mitmcache_addon.py"
         add([("l1-before", HOT, "HIT")], lambda p, c: [*stock, "-s", str(before), *proxy_args(p, origin, c)])
+        add([("l2-before", HOT, "HIT")], lambda p, c: [*stock, "-s", str(before), *proxy_args(
+            p, origin, c, f"cache_valkey_urls={urls}", "cache_l1_ttl=0", "cache_key_prefix=before")])
     if args.rules:
         rules = [f"cache_policy=|~d host{i}.example & ~u /api/v{i}/|ttl=5m swr=30s" for i in range(args.rules - 1)]
         rules.append(f"cache_policy=|~u {HOT}|ttl=1h name=bench")
