@@ -22,7 +22,9 @@ Valkey ring, and one proxy per target, all in reverse mode to the origin (``-q``
   l1-rules          (--rules N) the l1 proxy's config plus N cache_policy rules, the last matching
 
 Every round measures every target once, the order rotated each round; a target's figure is
-the median over rounds with its min–max, a ratio the median of the per-round ratios (min–max).
+the median over rounds with its min–max, a ratio the median of the per-round ratios (min–max);
+each target also shows the proxy's CPU per request (utime + stime from /proc over the requests
+counted: what a hit costs the proxy, whatever else the machine runs).
 Load: ``wrk -t1 -c16`` (keep-alive) when installed, else an asyncio load generator with the
 same connection count. Install both tools with ``apt-get install -y nginx wrk``.
 
