@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import valkey.asyncio as valkey_async
 import xxhash
-from valkey.exceptions import ValkeyError
+from valkey.exceptions import ResponseError, ValkeyError
 
 from .coherence import Listener, NearCache
 from .metrics import VALKEY_OPS, Metrics
@@ -153,9 +153,17 @@ class Node:
             if not isinstance(e, Exception):
                 raise
             return
-        for (_, future), value in zip(batch, values):
-            if not future.done():
+        # Anything but one string or nil per key (a garbage or foreign server) fails the read,
+        # counted like any Valkey error, instead of leaving a caller without an answer.
+        whole = isinstance(values, list) and len(values) == len(batch)
+        for i, (_, future) in enumerate(batch):
+            if future.done():
+                continue
+            value = values[i] if whole else values
+            if whole and (value is None or isinstance(value, bytes)):
                 future.set_result(value)
+            else:
+                future.set_exception(ResponseError(f"MGET answered {type(value).__name__}, not one value per key"))
 
 
 class ValkeyTier:

@@ -283,3 +283,42 @@ async def test_a_hung_node_fails_every_read_of_a_batch_as_a_counted_miss(ring_no
     finally:
         node.proc.send_signal(signal.SIGCONT)
     await store.l2.close()  # type: ignore[union-attr]
+
+
+async def serve_fake_valkey(mget_reply: bytes) -> tuple[asyncio.Server, int]:
+    """A server that speaks RESP but answers every MGET with ``mget_reply`` (+OK to the rest)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while header := await reader.readline():
+                args = []
+                for _ in range(int(header[1:])):
+                    length = int((await reader.readline())[1:])
+                    args.append((await reader.readexactly(length + 2))[:-2])
+                writer.write(mget_reply if args[0].upper() == b"MGET" else b"+OK\r\n")
+                await writer.drain()
+        except (ConnectionError, ValueError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def test_odd_mget_answers_are_counted_misses_never_exceptions() -> None:
+    """A server answering a batch with something else than one string or nil per key (fewer
+    values, an integer, an integer among the values) fails those reads as counted misses."""
+    for reply in (b"*1\r\n$1\r\nx\r\n", b":7\r\n", b"*3\r\n:1\r\n$-1\r\n*0\r\n"):
+        server, port = await serve_fake_valkey(reply)
+        store, metrics = make_store(f"valkey://127.0.0.1:{port}", l1_ttl=0)
+        got = await asyncio.wait_for(
+            asyncio.gather(*(store.get(f"http://o/odd{i}", time.time()) for i in range(3))), 5
+        )
+        assert got == [None, None, None], reply
+        # The nil among odd values is a plain miss; everything else a counted Valkey error.
+        errors = value(metrics.valkey_get_fallback)
+        assert errors == (2 if reply.startswith(b"*3") else 3), reply
+        await store.l2.close()  # type: ignore[union-attr]
+        server.close()
+        await server.wait_closed()
