@@ -7,6 +7,9 @@ Valkey ring, and one proxy per target, all in reverse mode to the origin (``-q``
   upstream          stock mitmdump, no addon: every request goes to the origin
   ceiling           stock mitmdump + an addon answering from memory in the request hook
                     (mitmproxy's ceiling for any hit: scripts/baseline_memory_addon.py)
+  ceiling-get       the same answer after one bare GET round trip to a ring node, on the
+                    leanest client there is (the floor for any L2 hit:
+                    scripts/baseline_valkey_get_addon.py)
   l1                stock mitmdump -s the cache, L1 only: every request an L1 hit
   l2                stock mitmdump -s the cache, cache_l1_ttl=0: every hit read from Valkey
   nostore-l1/-l2    the l1 / l2 proxies asked for a ``Cache-Control: no-store`` URL
@@ -15,10 +18,13 @@ Valkey ring, and one proxy per target, all in reverse mode to the origin (``-q``
   fast-l1           scripts/run --l1-only (the fast launcher, uvloop when installed)
   fast-l1-asyncio   scripts/run --l1-only --no-uvloop
   l1-before         (--before DIR) another checkout's cache, L1 only, stock mitmdump
+  l2-before         (--before DIR) another checkout's cache as ``l2`` (its own key prefix)
   l1-rules          (--rules N) the l1 proxy's config plus N cache_policy rules, the last matching
 
 Every round measures every target once, the order rotated each round; a target's figure is
-the median over rounds with its min–max, a ratio the median of the per-round ratios (min–max).
+the median over rounds with its min–max, a ratio the median of the per-round ratios (min–max);
+each target also shows the proxy's CPU per request (utime + stime from /proc over the requests
+counted: what a hit costs the proxy, whatever else the machine runs).
 Load: ``wrk -t1 -c16`` (keep-alive) when installed, else an asyncio load generator with the
 same connection count. Install both tools with ``apt-get install -y nginx wrk``.
 
@@ -57,12 +63,15 @@ from tests.conftest import ENTRY, MITMDUMP, stop_process, wait_for_port  # noqa:
 
 PYTHON = sys.executable
 BASELINE = ROOT / "scripts" / "baseline_memory_addon.py"
+BASELINE_GET = ROOT / "scripts" / "baseline_valkey_get_addon.py"
 HOT, NOSTORE = "/hot", "/nostore"
 
 # Ratios printed under the table: (label, numerator, denominator).
 RATIOS = [
     ("L1 hit / ceiling", "l1", "ceiling"),
     ("L2 hit / ceiling", "l2", "ceiling"),
+    ("ceiling with a bare GET / ceiling", "ceiling-get", "ceiling"),
+    ("L2 hit / ceiling with a bare GET", "l2", "ceiling-get"),
     ("no-store, L1 only / no addon", "nostore-l1", "upstream"),
     ("no-store, with L2 / no addon", "nostore-l2", "upstream"),
     ("fast ceiling / stock ceiling", "fast-ceiling", "ceiling"),
@@ -73,6 +82,8 @@ RATIOS = [
     ("fast ceiling: uvloop / asyncio loop", "fast-ceiling", "fast-ceiling-asyncio"),
     ("fast L1 hit: uvloop / asyncio loop", "fast-l1", "fast-l1-asyncio"),
     ("L1 hit / before", "l1", "l1-before"),
+    ("L2 hit / before", "l2", "l2-before"),
+    ("L2 hit before / ceiling", "l2-before", "ceiling"),
     ("L1 hit with rules / L1 hit", "l1-rules", "l1"),
 ]
 
@@ -154,6 +165,16 @@ class Target:
     expect: str | None  # X-Cache-Status the warm-up must see (None: no header)
     proc: subprocess.Popen[bytes]
     samples: list[float] = field(default_factory=list)
+    cpu_us: list[float] = field(default_factory=list)  # proxy CPU (user + system) per request
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc (0.0 where there is no /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def spawn(argv: list[str], port: int, log: Path) -> subprocess.Popen[bytes]:
@@ -192,7 +213,8 @@ def fast_ceiling_main(argv: list[str]) -> int:
     return fastdump.run(argv, lambda: module.addons[0], use_uvloop)
 
 
-def start_targets(args: argparse.Namespace, origin: str, urls: str, tmp: Path) -> list[Target]:
+def start_targets(args: argparse.Namespace, origin: str, nodes: list[ValkeyNode], tmp: Path) -> list[Target]:
+    urls = ",".join(n.url for n in nodes)
     wanted = set(args.only.split(",")) if args.only else None
 
     def want(*names: str) -> bool:
@@ -213,6 +235,8 @@ def start_targets(args: argparse.Namespace, origin: str, urls: str, tmp: Path) -
     stock = [str(MITMDUMP)]
     add([("upstream", HOT, None)], lambda p, c: [*stock, *proxy_args(p, origin, c)])
     add([("ceiling", HOT, "HIT")], lambda p, c: [*stock, "-s", str(BASELINE), *proxy_args(p, origin, c)])
+    add([("ceiling-get", HOT, "HIT")], lambda p, c: [*stock, "-s", str(BASELINE_GET),
+                                                     *proxy_args(p, origin, c, f"bench_valkey_port={nodes[0].port}")])
     add([("l1", HOT, "HIT"), ("nostore-l1", NOSTORE, "MISS")],
         lambda p, c: [*stock, "-s", str(ENTRY), *proxy_args(p, origin, c)])
     add([("l2", HOT, "HIT"), ("nostore-l2", NOSTORE, "MISS")],
@@ -220,6 +244,8 @@ def start_targets(args: argparse.Namespace, origin: str, urls: str, tmp: Path) -
     if args.before is not None:
         before = args.before / "addon" / "mitmcache_addon.py"
         add([("l1-before", HOT, "HIT")], lambda p, c: [*stock, "-s", str(before), *proxy_args(p, origin, c)])
+        add([("l2-before", HOT, "HIT")], lambda p, c: [*stock, "-s", str(before), *proxy_args(
+            p, origin, c, f"cache_valkey_urls={urls}", "cache_l1_ttl=0", "cache_key_prefix=before")])
     if args.rules:
         rules = [f"cache_policy=|~d host{i}.example & ~u /api/v{i}/|ttl=5m swr=30s" for i in range(args.rules - 1)]
         rules.append(f"cache_policy=|~u {HOT}|ttl=1h name=bench")
@@ -287,10 +313,11 @@ def spread(values: list[float], fmt: str) -> str:
 def report(targets: list[Target], rounds: int, how: str) -> None:
     by_name = {t.name: t for t in targets}
     print(f"\n{how}; {rounds} rounds, medians (min–max)\n")
-    print("| target | req/s | min–max |")
-    print("|---|---|---|")
+    print("| target | req/s | min–max | proxy CPU µs/req |")
+    print("|---|---|---|---|")
     for t in targets:
-        print(f"| {t.name} | {statistics.median(t.samples):.0f} | {spread(t.samples, '{:.0f}')} |")
+        print(f"| {t.name} | {statistics.median(t.samples):.0f} | {spread(t.samples, '{:.0f}')} "
+              f"| {statistics.median(t.cpu_us):.0f} ({spread(t.cpu_us, '{:.0f}')}) |")
     print("\n| ratio | median | min–max |")
     print("|---|---|---|")
     for label, num, den in RATIOS:
@@ -398,7 +425,7 @@ def main() -> int:
     nodes: list[ValkeyNode] = start_nodes(3)
     targets: list[Target] = []
     try:
-        targets = start_targets(args, f"http://127.0.0.1:{origin_port}", ",".join(n.url for n in nodes), tmp)
+        targets = start_targets(args, f"http://127.0.0.1:{origin_port}", nodes, tmp)
         for t in targets:  # fill the cache, check the answer, warm up
             with httpx.Client(timeout=10) as c:
                 for _ in range(2):
@@ -410,8 +437,10 @@ def main() -> int:
         for r_ in range(args.rounds):
             order = targets[r_ % len(targets):] + targets[: r_ % len(targets)]
             for t in order:
+                cpu = proc_cpu_seconds(t.proc.pid)
                 t.samples.append(measure(t.port, t.path, args.seconds, args.conns))
-                print(f"round {r_ + 1} {t.name:16} {t.samples[-1]:8.0f} req/s", flush=True)
+                t.cpu_us.append((proc_cpu_seconds(t.proc.pid) - cpu) / (t.samples[-1] * args.seconds) * 1e6)
+                print(f"round {r_ + 1} {t.name:16} {t.samples[-1]:8.0f} req/s {t.cpu_us[-1]:6.0f} µs CPU/req", flush=True)
         how = (f"{'wrk -t1' if use_wrk else 'asyncio load'} -c{args.conns}, {args.size} B bodies, "
                f"{args.seconds:g} s per target and round, origin: {origin_kind}")
         report(targets, args.rounds, how)

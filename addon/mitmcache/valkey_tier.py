@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import valkey.asyncio as valkey_async
 import xxhash
-from valkey.exceptions import ValkeyError
+from valkey.exceptions import ResponseError, ValkeyError
 
 from .coherence import Listener, NearCache
 from .metrics import VALKEY_OPS, Metrics
@@ -95,8 +95,8 @@ class Node:
             username=address.username,
             password=address.password,
             **({"ssl": True, **tls} if address.tls else {}),
-            # Each call is bounded by asyncio.wait_for (scaled for large values); the socket
-            # timeout is only a backstop.
+            # Each call is bounded by the configured timeout (asyncio.wait_for, or a read
+            # batch's deadline; scaled for large values); the socket timeout is only a backstop.
             socket_timeout=max(1.0, timeout * 10),
             socket_connect_timeout=timeout,
             retry_on_timeout=False,
@@ -107,6 +107,63 @@ class Node:
         self.probe_task: asyncio.Task[None] | None = None
         self.pending_deletes: set[str] = set()
         self.listener: Listener | None = None
+        # Reads asked for in this loop tick, sent together as one MGET (auto-pipelining); the
+        # loop they were asked in, and every batch on its way (strong references: the loop
+        # keeps only weak ones).
+        self._reads: list[tuple[str, asyncio.Future[bytes | None]]] = []
+        self._reads_loop: asyncio.AbstractEventLoop | None = None
+        self._batches: set[asyncio.Task[None]] = set()
+
+    def read(self, key: str, timeout: float) -> asyncio.Future[bytes | None]:
+        """The value of ``key`` (None: absent, or not a string), read with the other reads of
+        this loop tick in one ``MGET``, as ioredis' auto-pipelining does: one command, one send
+        and one reply to parse per tick and node instead of one each (under load, several hits
+        arrive in a tick). The batch leaves on the next loop iteration.
+
+        The future fails with TimeoutError when the answer is not in within ``timeout`` of the
+        tick's first read (so within ``timeout`` of this one), else with the batch's ValkeyError
+        or OSError; cancelling it (a caller gone) leaves the other reads alone."""
+        loop = asyncio.get_running_loop()
+        if self._reads_loop is not loop:  # reads left by a loop that stopped before sending them
+            self._reads, self._reads_loop = [], loop
+        future: asyncio.Future[bytes | None] = loop.create_future()
+        if not self._reads:
+            # call_soon, not create_task: mitmproxy's eager task factory would start a task
+            # at once, before the tick's other reads are asked for.
+            loop.call_soon(self._send_reads, loop.time() + timeout)
+        self._reads.append((key, future))
+        return future
+
+    def _send_reads(self, deadline: float) -> None:
+        batch, self._reads = self._reads, []
+        task = asyncio.get_running_loop().create_task(self._mget(batch, deadline))
+        self._batches.add(task)
+        task.add_done_callback(self._batches.discard)
+
+    async def _mget(self, batch: list[tuple[str, asyncio.Future[bytes | None]]], deadline: float) -> None:
+        try:
+            # One deadline for the batch; valkey-py drops the connection when it cuts a read short.
+            async with asyncio.timeout_at(deadline):
+                values = await self.client.mget([key for key, _ in batch])
+        except BaseException as e:
+            error = e if isinstance(e, Exception) else ConnectionError("Valkey client closed")
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            if not isinstance(e, Exception):
+                raise
+            return
+        # Anything but one string or nil per key (a garbage or foreign server) fails the read,
+        # counted like any Valkey error, instead of leaving a caller without an answer.
+        whole = isinstance(values, list) and len(values) == len(batch)
+        for i, (_, future) in enumerate(batch):
+            if future.done():
+                continue
+            value = values[i] if whole else values
+            if whole and (value is None or isinstance(value, bytes)):
+                future.set_result(value)
+            else:
+                future.set_exception(ResponseError(f"MGET answered {type(value).__name__}, not one value per key"))
 
 
 class ValkeyTier:
@@ -157,7 +214,8 @@ class ValkeyTier:
 
     async def get(self, cache_key: str) -> bytes | None:
         node, key, _ = self._place(cache_key)
-        return await self._run(node, "get", lambda: node.client.get(key))
+        # node.read bounds itself by self.timeout: no second timeout around it.
+        return await self._run(node, "get", lambda: node.read(key, self.timeout), bounded=True)
 
     async def set(self, cache_key: str, value: bytes, ttl_ms: int) -> None:
         """Atomic write with a millisecond TTL (``SET … PX``): sub-second TTLs work (W12)."""
@@ -378,13 +436,16 @@ class ValkeyTier:
         return {name: node.up for name, node in self.nodes.items()}
 
     async def _run(
-        self, node: Node, op: str, call: Callable[[], Awaitable[T]], timeout: float | None = None
+        self, node: Node, op: str, call: Callable[[], Awaitable[T]], timeout: float | None = None,
+        bounded: bool = False,
     ) -> T:
+        """``call()`` within ``timeout`` (default: the configured one; ``bounded``: the call
+        bounds itself), timed, and counted against the node's breaker when it fails."""
         if not node.up:
             raise L2Error(f"{node.name} is down")
         start = time.perf_counter()
         try:
-            result = await asyncio.wait_for(call(), timeout or self.timeout)
+            result = await (call() if bounded else asyncio.wait_for(call(), timeout or self.timeout))
         except (TimeoutError, ValkeyError, OSError) as e:
             self._failed(node, op, e)
             raise L2Error(f"{node.name} {op}: {type(e).__name__}: {e}") from e

@@ -200,3 +200,125 @@ async def test_hung_node_costs_a_few_timeouts_then_is_skipped(ring_nodes: list[V
     assert all(store.l2.members().values())  # type: ignore[union-attr]
     assert (await store.get("http://o/warm", time.time())) is not None
     await store.l2.close()  # type: ignore[union-attr]
+
+
+# ---------------------------------------------------------------- reads batched per loop tick
+
+
+def node_of(store: TieredStore, url: str) -> str:
+    return store.l2.placement(url)[0]  # type: ignore[union-attr]
+
+
+async def test_reads_of_one_tick_are_one_mget_and_each_gets_its_own_value(ring_nodes: list[ValkeyNode]) -> None:
+    """Concurrent L2 reads to one node leave as one MGET; each caller gets its own value, an
+    absent key and a key of another type are counted misses (never an exception). Runs on
+    mitmproxy's eager task factory, where a task starts before the tick's other reads exist."""
+    asyncio.get_running_loop().set_task_factory(asyncio.eager_task_factory)
+    node = ring_nodes[0]
+    store, metrics = make_store(node.url, l1_ttl=0)
+    now = time.time()
+    urls = [f"http://o/batch{i}" for i in range(5)]
+    for url in urls:
+        assert await store.put(url, entry(body=url.encode()), now)
+    raw = raw_client(node)
+    raw.sadd(store.l2.valkey_key("http://o/a-set"), b"not a string")  # type: ignore[union-attr]
+    raw.config_resetstat()
+    got = await asyncio.gather(*(store.get(u, now) for u in [*urls, "http://o/absent", "http://o/a-set"]))
+    assert [g.resource.variants[0].body if g is not None else None for g in got] == [u.encode() for u in urls] + [None, None]
+    stats = raw.info("commandstats")
+    assert stats["cmdstat_mget"]["calls"] == 1 and "cmdstat_get" not in stats
+    assert value(metrics.valkey_miss) == 2 and value(metrics.l2_hits) == 5
+    await store.l2.close()  # type: ignore[union-attr]
+
+
+async def test_reads_asked_while_a_batch_is_on_its_way_are_answered(ring_nodes: list[ValkeyNode]) -> None:
+    """A read asked for while the previous tick's batch waits for its reply goes in the next
+    batch (regression: with eager tasks, later reads joined a batch that had already left)."""
+    asyncio.get_running_loop().set_task_factory(asyncio.eager_task_factory)
+    store, _ = make_store(ring_nodes[0].url, l1_ttl=0)
+    now = time.time()
+    for name in ("first", "second", "third"):
+        await store.put(f"http://o/{name}", entry(body=name.encode()), now)
+    first = asyncio.ensure_future(store.get("http://o/first", now))
+    await asyncio.sleep(0)  # the first batch leaves
+    second = asyncio.ensure_future(store.get("http://o/second", now))
+    third = await asyncio.wait_for(store.get("http://o/third", now), 5)
+    for task, body in ((first, b"first"), (second, b"second")):
+        got = await asyncio.wait_for(task, 5)
+        assert got is not None and got.resource.variants[0].body == body
+    assert third is not None and third.resource.variants[0].body == b"third"
+    await store.l2.close()  # type: ignore[union-attr]
+
+
+async def test_a_reader_gone_leaves_the_others_of_its_batch_alone(ring_nodes: list[ValkeyNode]) -> None:
+    store, metrics = make_store(ring_nodes[0].url, l1_ttl=0)
+    now = time.time()
+    await store.put("http://o/shared", entry(body=b"shared"), now)
+    readers = [asyncio.ensure_future(store.get("http://o/shared", now)) for _ in range(3)]
+    await asyncio.sleep(0)
+    readers[1].cancel()
+    got = await asyncio.gather(*readers, return_exceptions=True)
+    assert isinstance(got[1], asyncio.CancelledError)
+    assert [g.resource.variants[0].body for g in (got[0], got[2])] == [b"shared", b"shared"]  # type: ignore[union-attr]
+    assert value(metrics.valkey_get_fallback) == 0
+    await store.l2.close()  # type: ignore[union-attr]
+
+
+async def test_a_hung_node_fails_every_read_of_a_batch_as_a_counted_miss(ring_nodes: list[ValkeyNode]) -> None:
+    """A frozen server: every read of the batch ends (a miss, counted per read) instead of
+    waiting for the socket timeout; the node is then skipped."""
+    node = ring_nodes[0]
+    store, metrics = make_store(node.url, timeout_ms=150)
+    now = time.time()
+    await store.put("http://o/warm", entry(), now)
+    assert node.proc is not None
+    node.proc.send_signal(signal.SIGSTOP)
+    try:
+        # The bound only guards against a hang (the socket timeout is 1.5 s).
+        got = await asyncio.wait_for(asyncio.gather(*(store.get(f"http://o/h{i}", now) for i in range(5))), 1.2)
+        assert got == [None] * 5
+        assert value(metrics.valkey_get_fallback) == 5
+        assert value(metrics.valkey_errors.labels(store.l2.ring.names[0], "get")) == 5  # type: ignore[union-attr]
+        assert store.l2.members() == {store.l2.ring.names[0]: False}  # type: ignore[union-attr]
+    finally:
+        node.proc.send_signal(signal.SIGCONT)
+    await store.l2.close()  # type: ignore[union-attr]
+
+
+async def serve_fake_valkey(mget_reply: bytes) -> tuple[asyncio.Server, int]:
+    """A server that speaks RESP but answers every MGET with ``mget_reply`` (+OK to the rest)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while header := await reader.readline():
+                args = []
+                for _ in range(int(header[1:])):
+                    length = int((await reader.readline())[1:])
+                    args.append((await reader.readexactly(length + 2))[:-2])
+                writer.write(mget_reply if args[0].upper() == b"MGET" else b"+OK\r\n")
+                await writer.drain()
+        except (ConnectionError, ValueError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def test_odd_mget_answers_are_counted_misses_never_exceptions() -> None:
+    """A server answering a batch with something else than one string or nil per key (fewer
+    values, an integer, an integer among the values) fails those reads as counted misses."""
+    for reply in (b"*1\r\n$1\r\nx\r\n", b":7\r\n", b"*3\r\n:1\r\n$-1\r\n*0\r\n"):
+        server, port = await serve_fake_valkey(reply)
+        store, metrics = make_store(f"valkey://127.0.0.1:{port}", l1_ttl=0)
+        got = await asyncio.wait_for(
+            asyncio.gather(*(store.get(f"http://o/odd{i}", time.time()) for i in range(3))), 5
+        )
+        assert got == [None, None, None], reply
+        # The nil among odd values is a plain miss; everything else a counted Valkey error.
+        errors = value(metrics.valkey_get_fallback)
+        assert errors == (2 if reply.startswith(b"*3") else 3), reply
+        await store.l2.close()  # type: ignore[union-attr]
+        server.close()
+        await server.wait_closed()
