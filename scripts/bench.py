@@ -19,6 +19,9 @@ Valkey ring, and one proxy per target, all in reverse mode to the origin (``-q``
 
 Every round measures every target once, the order rotated each round; a target's figure is
 the median over rounds with its min–max, a ratio the median of the per-round ratios (min–max).
+Beside req/s, each target's proxy CPU per request (utime+stime of the proxy process from
+/proc over the round, divided by the requests answered): steadier than req/s on a shared
+machine, and it shows the cost of a path in µs.
 Load: ``wrk -t1 -c16`` (keep-alive) when installed, else an asyncio load generator with the
 same connection count. Install both tools with ``apt-get install -y nginx wrk``.
 
@@ -154,6 +157,7 @@ class Target:
     expect: str | None  # X-Cache-Status the warm-up must see (None: no header)
     proc: subprocess.Popen[bytes]
     samples: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)  # µs of proxy CPU (utime+stime) per request, per round
 
 
 def spawn(argv: list[str], port: int, log: Path) -> subprocess.Popen[bytes]:
@@ -277,6 +281,15 @@ def python_rps(port: int, path: str, seconds: float, conns: int) -> float:
     return asyncio.run(run()) / seconds
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime+stime of a process so far (``/proc/PID/stat``), 0.0 where there is no /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -287,10 +300,11 @@ def spread(values: list[float], fmt: str) -> str:
 def report(targets: list[Target], rounds: int, how: str) -> None:
     by_name = {t.name: t for t in targets}
     print(f"\n{how}; {rounds} rounds, medians (min–max)\n")
-    print("| target | req/s | min–max |")
-    print("|---|---|---|")
+    print("| target | req/s | min–max | proxy CPU µs/request | min–max |")
+    print("|---|---|---|---|---|")
     for t in targets:
-        print(f"| {t.name} | {statistics.median(t.samples):.0f} | {spread(t.samples, '{:.0f}')} |")
+        print(f"| {t.name} | {statistics.median(t.samples):.0f} | {spread(t.samples, '{:.0f}')} "
+              f"| {statistics.median(t.cpu):.0f} | {spread(t.cpu, '{:.0f}')} |")
     print("\n| ratio | median | min–max |")
     print("|---|---|---|")
     for label, num, den in RATIOS:
@@ -410,8 +424,10 @@ def main() -> int:
         for r_ in range(args.rounds):
             order = targets[r_ % len(targets):] + targets[: r_ % len(targets)]
             for t in order:
+                cpu = cpu_seconds(t.proc.pid)
                 t.samples.append(measure(t.port, t.path, args.seconds, args.conns))
-                print(f"round {r_ + 1} {t.name:16} {t.samples[-1]:8.0f} req/s", flush=True)
+                t.cpu.append((cpu_seconds(t.proc.pid) - cpu) * 1e6 / (t.samples[-1] * args.seconds))
+                print(f"round {r_ + 1} {t.name:16} {t.samples[-1]:8.0f} req/s {t.cpu[-1]:6.0f} µs CPU/req", flush=True)
         how = (f"{'wrk -t1' if use_wrk else 'asyncio load'} -c{args.conns}, {args.size} B bodies, "
                f"{args.seconds:g} s per target and round, origin: {origin_kind}")
         report(targets, args.rounds, how)

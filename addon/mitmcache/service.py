@@ -181,13 +181,38 @@ class CacheService:
         URLs with nothing stored, so a marker never hides another variant. Not for reasons
         that depend on the request or for a 5xx (a failing origin's next answer may be
         storable, and coalescing is what protects it then)."""
-        if reason not in PASS_REASONS or response.status >= 500 or self.settings.hit_for_pass <= 0:
+        if not self._marks(key, reason, response.status, now):
             return
-        if self.store.pass_left(key, now) > self.settings.hit_for_pass / 2:
-            return  # a passed request's answer: the marker is renewed only when half spent
         max_age = sem.ResponseDirectives.from_headers(response.headers, self.settings.targets).max_age
         lifetime = min(float(max_age) if max_age else self.settings.hit_for_pass, MAX_PASS_SECONDS)
         await self.store.mark_pass(key, HitForPass(now + lifetime, reason.value), now)
+
+    def _marks(self, key: str, reason: sem.NotStorable, status: int, now: float) -> bool:
+        """Whether an answer refused for ``reason`` sets (or renews) the URL's marker: only
+        reasons that describe the URL itself, never a 5xx, and a live marker only when half
+        spent (a passed request's answer does not rewrite it every time)."""
+        if reason not in PASS_REASONS or status >= 500 or self.settings.hit_for_pass <= 0:
+            return False
+        return self.store.pass_left(key, now) <= self.settings.hit_for_pass / 2
+
+    def refusal(
+        self, key: str, status: int, request_headers: Headers, response_headers: Headers, body_length: int, now: float
+    ) -> sem.NotStorable | None:
+        """For a GET sent upstream by a hit-for-pass marker (nothing stored, no operator rule):
+        why its whole answer is not stored, when ``admit`` would do nothing but say so — count
+        malformed fields and refuse (RFC 9111 §3), the marker needing no renewal. None when
+        ``admit`` must run: the answer is storable (storing it ends the marker), or it renews
+        the marker. Header lists may hold just the lines ``storability`` and
+        ``malformed_fields`` read (``sem.STORABILITY_*_FIELDS`` and the targeted fields)."""
+        settings = self.settings
+        reason = sem.storability(
+            "GET", status, request_headers, response_headers, body_length, settings.max_object_bytes, settings.targets
+        )
+        if reason is None or self._marks(key, reason, status, now):
+            return None
+        for kind in sem.malformed_fields(response_headers):
+            self.bad_input(kind, f"{sem.header_get(response_headers, kind)!r} for {key!r}")
+        return reason
 
     async def invalidate(self, keys: list[str]) -> int:
         """Drop every variant of ``keys`` from L1 and L2 (§4.4, purge), and every key that
