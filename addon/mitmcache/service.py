@@ -40,6 +40,10 @@ PASS_REASONS = frozenset({
     sem.NotStorable.TOO_LARGE, sem.NotStorable.NOT_CACHEABLE, sem.NotStorable.POLICY,
 })
 MAX_PASS_SECONDS = 300.0  # the longest a marker lives, whatever max-age the answer names
+# refusal(): verdicts remembered by the lines they were read from (an origin repeats its
+# answers' fields; Date changes once a second), for answers whose lines are short.
+MEMO_SIZE = 1024
+MEMO_FIELD_CHARS = 2048
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +90,9 @@ class CacheService:
         self.pipeline = Pipeline(self)
         self.purger = Purger(self)
         self._bad_input_logged: dict[str, float] = {}
+        # refusal()'s verdicts: (status, request lines, response lines, over the size bound)
+        # → (reason, malformed field kinds), for one Settings object.
+        self._refusals: tuple[Settings | None, dict[tuple[object, ...], tuple[sem.NotStorable | None, tuple[str, ...]]]] = (None, {})
 
     # ------------------------------------------------------------------ the store path
 
@@ -205,12 +212,24 @@ class CacheService:
         the marker. Header lists may hold just the lines ``storability`` and
         ``malformed_fields`` read (``sem.STORABILITY_*_FIELDS`` and the targeted fields)."""
         settings = self.settings
-        reason = sem.storability(
-            "GET", status, request_headers, response_headers, body_length, settings.max_object_bytes, settings.targets
-        )
+        memo_key = (status, tuple(request_headers), tuple(response_headers), body_length > settings.max_object_bytes)
+        if self._refusals[0] is not settings:
+            self._refusals = (settings, {})
+        memo = self._refusals[1]
+        found = memo.get(memo_key)
+        if found is None:
+            reason = sem.storability(
+                "GET", status, request_headers, response_headers, body_length, settings.max_object_bytes, settings.targets
+            )
+            found = (reason, tuple(sem.malformed_fields(response_headers)) if reason is not None else ())
+            if sum(len(v) for _, v in memo_key[2]) <= MEMO_FIELD_CHARS:  # keeps the memo small
+                if len(memo) >= MEMO_SIZE:
+                    del memo[next(iter(memo))]  # the oldest
+                memo[memo_key] = found
+        reason, malformed = found
         if reason is None or self._marks(key, reason, status, now):
             return None
-        for kind in sem.malformed_fields(response_headers):
+        for kind in malformed:
             self.bad_input(kind, f"{sem.header_get(response_headers, kind)!r} for {key!r}")
         return reason
 
