@@ -55,6 +55,7 @@ def request_from_flow(flow: http.HTTPFlow, policies: PolicySet, policy: Policy |
 
 _REQUEST_FIELDS = frozenset(n.encode() for n in sem.STORABILITY_REQUEST_FIELDS)
 _KEY_MEMO_SIZE = 4096  # request targets whose key is remembered (the hot URLs of a busy proxy)
+_KEY_MEMO_PATH = 1024  # bytes: longer request targets are not remembered
 
 
 def _text(raw: bytes) -> str:
@@ -252,9 +253,10 @@ class HttpCache:
         if key is None:
             r = flow.request
             key = self.service.keys.build(r.scheme, r.host, r.port, r.path, r.host_header, None, (), r.authority)
-            if len(self._keys) >= _KEY_MEMO_SIZE:
-                del self._keys[next(iter(self._keys))]  # the oldest
-            self._keys[memo] = key
+            if len(data.path) <= _KEY_MEMO_PATH:  # a bounded memo: long targets are keyed each time
+                if len(self._keys) >= _KEY_MEMO_SIZE:
+                    del self._keys[next(iter(self._keys))]  # the oldest
+                self._keys[memo] = key
         only_if_cached = bool(fields) and sem.RequestDirectives.from_headers(fields).only_if_cached
         return key, fields, only_if_cached
 
