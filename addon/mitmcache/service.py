@@ -222,7 +222,7 @@ class CacheService:
                 "GET", status, request_headers, response_headers, body_length, settings.max_object_bytes, settings.targets
             )
             found = (reason, tuple(sem.malformed_fields(response_headers)) if reason is not None else ())
-            if sum(len(v) for _, v in memo_key[2]) <= MEMO_FIELD_CHARS:  # keeps the memo small
+            if sum(len(v) for _, v in (*request_headers, *response_headers)) <= MEMO_FIELD_CHARS:  # a small memo
                 if len(memo) >= MEMO_SIZE:
                     del memo[next(iter(memo))]  # the oldest
                 memo[memo_key] = found
