@@ -203,7 +203,7 @@ class CacheService:
         return self.store.pass_left(key, now) <= self.settings.hit_for_pass / 2
 
     def refusal(
-        self, key: str, status: int, request_headers: Headers, response_headers: Headers, body_length: int, now: float
+        self, key: str, status: int, request_headers: sem.HeaderList, response_headers: sem.HeaderList, body_length: int, now: float
     ) -> sem.NotStorable | None:
         """For a GET sent upstream by a hit-for-pass marker (nothing stored, no operator rule):
         why its whole answer is not stored, when ``admit`` would do nothing but say so — count

@@ -183,6 +183,7 @@ async def test_a_passed_answer_too_large_to_hold_streams_with_its_status_fields(
         f = tflow.tflow(req=tutils.treq(path=b"/big", headers=http.Headers([(b"Host", b"example.com")])))
         await cache.request(f)
         answer(f, 200, [(b"Cache-Control", b"max-age=60"), (b"Content-Length", b"5000")], b"")
+        assert f.response is not None
         f.response.data.content = None  # the body has not arrived yet: streamed
         cache.responseheaders(f)
         assert f.response.stream is True
