@@ -216,17 +216,21 @@ class Pipeline:
         self._pass(outcome, _PASS.fwd, marker)
         return Passed(key, method, outcome, request_fields, now)
 
-    def finish_pass(self, passed: Passed, status: int, response_fields: sem.HeaderList, body_length: int, now: float) -> bool:
+    def finish_pass(
+        self, passed: Passed, status: int, response_fields: sem.HeaderList, body_length: int, response_time: float, now: float
+    ) -> bool:
         """The origin's whole answer to a ``Passed`` request, when it changes nothing: True
         (the outcome is complete: MISS, the not-stored reason) when ``response`` would only
         have refused to store it — an answer to HEAD, or one ``CacheService.refusal`` refuses
         without renewing the marker. False: the full path must run (``resume``), e.g. the
         answer is storable now, which stores it and ends the marker.
         ``response_fields``: at least the answer's lines named in ``sem.STORABILITY_RESPONSE_FIELDS``
-        and the targeted fields."""
+        and the targeted fields; ``response_time``: when it arrived (RFC 9111 §4.2.3)."""
         reason = None
         if passed.method == "GET":
-            reason = self.service.refusal(passed.key, status, passed.request_fields, response_fields, body_length, now)
+            reason = self.service.refusal(
+                passed.key, status, passed.request_fields, response_fields, body_length, passed.forwarded_at, response_time, now
+            )
             if reason is None:
                 return False
         outcome = passed.outcome

@@ -614,12 +614,16 @@ def malformed_fields(headers: HeaderList) -> list[str]:
 
 _CHECKED_FIELDS = frozenset({"cache-control", "date", "last-modified", "expires", "age"})
 
-# Every field ``storability`` reads, besides the targeted fields (RFC 9213) it is given, and
-# every field ``malformed_fields`` checks: these functions give the same answer for a header
+# Every field ``storability`` reads, besides the targeted fields (RFC 9213) it is given, every
+# field ``malformed_fields`` checks, and every field the lifetime of a stored response depends
+# on (``make_stored_response(...).retain_until()``: freshness, age, stale windows, validators,
+# and Connection, which can make a field hop-by-hop): these give the same answer for a header
 # list and for its lines with these names (in order). The hit-for-pass fast path picks just
 # these lines in one pass over a response instead of converting all of them.
 STORABILITY_REQUEST_FIELDS = frozenset({"cache-control", "pragma", "authorization"})
-STORABILITY_RESPONSE_FIELDS = frozenset({"cache-control", "set-cookie", "vary", "expires"}) | _CHECKED_FIELDS
+STORABILITY_RESPONSE_FIELDS = (
+    frozenset({"cache-control", "set-cookie", "vary", "expires", "etag", "connection"}) | _CHECKED_FIELDS
+)
 
 
 # --------------------------------------------------------------------------- stored entries

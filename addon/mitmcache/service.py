@@ -203,14 +203,16 @@ class CacheService:
         return self.store.pass_left(key, now) <= self.settings.hit_for_pass / 2
 
     def refusal(
-        self, key: str, status: int, request_headers: sem.HeaderList, response_headers: sem.HeaderList, body_length: int, now: float
+        self, key: str, status: int, request_headers: sem.HeaderList, response_headers: sem.HeaderList,
+        body_length: int, request_time: float, response_time: float, now: float,
     ) -> sem.NotStorable | None:
         """For a GET sent upstream by a hit-for-pass marker (nothing stored, no operator rule):
         why its whole answer is not stored, when ``admit`` would do nothing but say so — count
-        malformed fields and refuse (RFC 9111 §3), the marker needing no renewal. None when
-        ``admit`` must run: the answer is storable (storing it ends the marker), or it renews
-        the marker. Header lists may hold just the lines ``storability`` and
-        ``malformed_fields`` read (``sem.STORABILITY_*_FIELDS`` and the targeted fields)."""
+        malformed fields and refuse (RFC 9111 §3, or no lifetime left), the marker needing no
+        renewal. None when ``admit`` must run: the answer is storable (storing it ends the
+        marker), or it renews the marker. Header lists may hold just the lines ``storability``,
+        ``malformed_fields`` and the stored lifetime read (``sem.STORABILITY_*_FIELDS`` and the
+        targeted fields); times as ``admit`` gets them (request_time: when it went upstream)."""
         settings = self.settings
         memo_key = (status, tuple(request_headers), tuple(response_headers), body_length > settings.max_object_bytes)
         if self._refusals[0] is not settings:
@@ -221,13 +223,23 @@ class CacheService:
             reason = sem.storability(
                 "GET", status, request_headers, response_headers, body_length, settings.max_object_bytes, settings.targets
             )
-            found = (reason, tuple(sem.malformed_fields(response_headers)) if reason is not None else ())
+            found = (reason, tuple(sem.malformed_fields(response_headers)))
             if sum(len(v) for _, v in (*request_headers, *response_headers)) <= MEMO_FIELD_CHARS:  # a small memo
                 if len(memo) >= MEMO_SIZE:
                     del memo[next(iter(memo))]  # the oldest
                 memo[memo_key] = found
         reason, malformed = found
-        if reason is None or self._marks(key, reason, status, now):
+        if reason is None:
+            # Storable by §3, but admit keeps nothing without lifetime left (``no-freshness``:
+            # e.g. a 200 without Cache-Control, Expires or Last-Modified): the same entry, no body.
+            entry = sem.make_stored_response(
+                status, "", request_headers, response_headers, b"", request_time, response_time,
+                settings.heuristic_cap, settings.targets,
+            )
+            if entry.retain_until() > now:
+                return None
+            reason = sem.NotStorable.NOT_CACHEABLE
+        if self._marks(key, reason, status, now):
             return None
         for kind in malformed:
             self.bad_input(kind, f"{sem.header_get(response_headers, kind)!r} for {key!r}")

@@ -288,10 +288,12 @@ class HttpCache:
                 dated = dated or lower == b"date"
             if lower in drop:
                 dropping = True
-        if not self.service.pipeline.finish_pass(passed, resp.status_code, fields, len(body), time.time()):
+        now = time.time()
+        received = resp.timestamp_end or now
+        if not self.service.pipeline.finish_pass(passed, resp.status_code, fields, len(body), received, now):
             return False
         # RFC 9110 §6.6.1: a recipient with a clock adds the time of receipt (as _add_date).
-        date = () if dated else ((b"Date", format_http_date(resp.timestamp_end or time.time()).encode()),)
+        date = () if dated else ((b"Date", format_http_date(received).encode()),)
         self._render(flow, passed.outcome, date, dropping)
         return True
 
