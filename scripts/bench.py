@@ -13,6 +13,9 @@ Valkey ring, and one proxy per target, all in reverse mode to the origin (``-q``
   l1                stock mitmdump -s the cache, L1 only: every request an L1 hit
   l2                stock mitmdump -s the cache, cache_l1_ttl=0: every hit read from Valkey
   nostore-l1/-l2    the l1 / l2 proxies asked for a ``Cache-Control: no-store`` URL
+  nostore-noop      stock mitmdump + an addon shaped like the cache (same nesting, same hooks)
+                    doing nothing, asked for the no-store URL: what mitmproxy charges for
+                    such an addon (scripts/baseline_noop_addon.py)
   fast-ceiling      the same memory answer under the fast launcher (scripts/run's default)
   fast-ceiling-asyncio  the same on asyncio's own event loop instead of uvloop
   fast-l1           scripts/run --l1-only (the fast launcher, uvloop when installed)
@@ -64,6 +67,7 @@ from tests.conftest import ENTRY, MITMDUMP, stop_process, wait_for_port  # noqa:
 PYTHON = sys.executable
 BASELINE = ROOT / "scripts" / "baseline_memory_addon.py"
 BASELINE_GET = ROOT / "scripts" / "baseline_valkey_get_addon.py"
+NOOP = ROOT / "scripts" / "baseline_noop_addon.py"
 HOT, NOSTORE = "/hot", "/nostore"
 
 # Ratios printed under the table: (label, numerator, denominator).
@@ -74,6 +78,9 @@ RATIOS = [
     ("L2 hit / ceiling with a bare GET", "l2", "ceiling-get"),
     ("no-store, L1 only / no addon", "nostore-l1", "upstream"),
     ("no-store, with L2 / no addon", "nostore-l2", "upstream"),
+    ("no-op addon with the cache's hooks / no addon", "nostore-noop", "upstream"),
+    ("no-store, L1 only / no-op addon", "nostore-l1", "nostore-noop"),
+    ("no-store, with L2 / no-op addon", "nostore-l2", "nostore-noop"),
     ("fast ceiling / stock ceiling", "fast-ceiling", "ceiling"),
     ("fast L1 hit / stock L1 hit", "fast-l1", "l1"),
     ("fast L1 hit / stock ceiling", "fast-l1", "ceiling"),
@@ -237,6 +244,7 @@ def start_targets(args: argparse.Namespace, origin: str, nodes: list[ValkeyNode]
     add([("ceiling", HOT, "HIT")], lambda p, c: [*stock, "-s", str(BASELINE), *proxy_args(p, origin, c)])
     add([("ceiling-get", HOT, "HIT")], lambda p, c: [*stock, "-s", str(BASELINE_GET),
                                                      *proxy_args(p, origin, c, f"bench_valkey_port={nodes[0].port}")])
+    add([("nostore-noop", NOSTORE, None)], lambda p, c: [*stock, "-s", str(NOOP), *proxy_args(p, origin, c)])
     add([("l1", HOT, "HIT"), ("nostore-l1", NOSTORE, "MISS")],
         lambda p, c: [*stock, "-s", str(ENTRY), *proxy_args(p, origin, c)])
     add([("l2", HOT, "HIT"), ("nostore-l2", NOSTORE, "MISS")],

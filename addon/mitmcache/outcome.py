@@ -166,6 +166,7 @@ class MetricsObserver:
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
         self._requests = {result: metrics.requests.labels(result) for result in REQUEST_RESULTS}
+        self._not_stored: dict[str, object] = {}  # labelled children, looked up once per reason
 
     def started(self, outcome: Outcome) -> None:
         pass
@@ -174,7 +175,10 @@ class MetricsObserver:
         if outcome.result is not None:
             self._requests[outcome.result].inc()
         if outcome.not_stored is not None and outcome.method == "GET":
-            self.metrics.not_stored.labels(outcome.not_stored).inc()
+            child = self._not_stored.get(outcome.not_stored)
+            if child is None:
+                child = self._not_stored[outcome.not_stored] = self.metrics.not_stored.labels(outcome.not_stored)
+            child.inc()  # type: ignore[attr-defined]
         if outcome.stale_if_error:
             self.metrics.stale_if_error.inc()
 

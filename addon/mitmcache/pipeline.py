@@ -53,6 +53,7 @@ log = logging.getLogger("mitmcache")
 
 # What the cache's own client reads of an origin answer it hands to the client unstored.
 FOREGROUND_MAX_BODY = 1 << 30
+_PASS = Pass()  # the state the hit-for-pass fast path takes
 
 
 @dataclass(slots=True)
@@ -82,16 +83,32 @@ class Exchange:
     completed: bool = False
 
 
+@dataclass(slots=True)
+class Passed:
+    """A request a hit-for-pass marker in L1 sent upstream on the fast path: no ``Request``
+    value, no lookup, no lease (``Pipeline.pass_at_once``). ``request_fields``: its lines that
+    storability reads (``sem.STORABILITY_REQUEST_FIELDS``); ``forwarded_at``: RFC 9111 §4.2.3
+    request_time."""
+
+    key: str
+    method: str
+    outcome: Outcome
+    request_fields: sem.HeaderList
+    forwarded_at: float
+
+
 class Pipeline:
     def __init__(self, service: CacheService) -> None:
         self.service = service
+        self._passed_count = service.metrics.hit_for_pass.labels("passed")
 
     # ------------------------------------------------------------------ request
 
-    async def request(self, req: Request) -> Exchange:
+    async def request(self, req: Request, key: str | None = None) -> Exchange:
         """Look the request up and decide. ``reply`` set: answer with it; else forward the
-        request with ``validators`` in place of the client's If-None-Match/If-Modified-Since."""
-        key = self.service.keys.for_request(req)
+        request with ``validators`` in place of the client's If-None-Match/If-Modified-Since.
+        ``key``: the request's key when the caller built it already (``keys.for_request``)."""
+        key = key or self.service.keys.for_request(req)
         ex = Exchange(req, key, Outcome(key, req.method), sem.RequestDirectives.from_headers(req.headers))
         self.service.started(ex.outcome)
         if req.method not in ("GET", "HEAD"):
@@ -168,12 +185,8 @@ class Pipeline:
                 await self._go_upstream(ex, None)
             case Pass(fwd=fwd):
                 assert isinstance(found, HitForPass)
-                outcome.status.fwd = fwd
-                outcome.status.detail.append("hit-for-pass")
-                outcome.tier = found.tier
-                outcome.why = f"{WHY['hit-for-pass']} ({found.reason}: {WHY.get(found.reason, found.reason)})"
+                self._pass(outcome, fwd, found)
                 ex.passing = True
-                self.service.metrics.hit_for_pass.labels("passed").inc()
             case Revalidate(entry=stale, fwd=fwd, reason=reason):
                 outcome.status.fwd = fwd
                 outcome.why = WHY.get(reason, WHY["stale"])
@@ -182,6 +195,65 @@ class Pipeline:
                 pass
             case _:
                 assert_never(state)
+
+    def _pass(self, outcome: Outcome, fwd: str, marker: HitForPass) -> None:
+        """The outcome of a request a hit-for-pass marker sends upstream (both paths)."""
+        outcome.status.fwd = fwd
+        outcome.status.detail.append("hit-for-pass")
+        outcome.tier = marker.tier
+        outcome.why = f"{WHY['hit-for-pass']} ({marker.reason}: {WHY.get(marker.reason, marker.reason)})"
+        self._passed_count.inc()
+
+    # ------------------------------------------------------------------ hit-for-pass fast path
+
+    def pass_at_once(self, key: str, method: str, marker: HitForPass, request_fields: sem.HeaderList, now: float) -> Passed:
+        """A GET/HEAD without only-if-cached, under no operator rule, whose key has a live
+        marker in L1 (``store.pass_marker``): it goes upstream at once, as ``request`` would
+        send it (``states.Pass``) — but without building the ``Request``, the directives or
+        the ``Exchange`` the rest of the pipeline needs. ``finish_pass`` takes the answer."""
+        outcome = Outcome(key, method, now)
+        self.service.started(outcome)
+        self._pass(outcome, _PASS.fwd, marker)
+        return Passed(key, method, outcome, request_fields, now)
+
+    def finish_pass(
+        self, passed: Passed, status: int, response_fields: sem.HeaderList, body_length: int, response_time: float, now: float
+    ) -> bool:
+        """The origin's whole answer to a ``Passed`` request, when it changes nothing: True
+        (the outcome is complete: MISS, the not-stored reason) when ``response`` would only
+        have refused to store it — an answer to HEAD, or one ``CacheService.refusal`` refuses
+        without renewing the marker. False: the full path must run (``resume``), e.g. the
+        answer is storable now, which stores it and ends the marker.
+        ``response_fields``: at least the answer's lines named in ``sem.STORABILITY_RESPONSE_FIELDS``
+        and the targeted fields; ``response_time``: when it arrived (RFC 9111 §4.2.3)."""
+        reason = None
+        if passed.method == "GET":
+            reason = self.service.refusal(
+                passed.key, status, passed.request_fields, response_fields, body_length, passed.forwarded_at, response_time, now
+            )
+            if reason is None:
+                return False
+        outcome = passed.outcome
+        outcome.time("cache.origin_fetch", passed.forwarded_at)
+        outcome.status.fwd_status = status
+        if reason is not None:
+            outcome.status.detail.append(reason.value)
+            outcome.not_stored = reason.value
+        outcome.label, outcome.result = MISS, "miss"
+        self.service.finished(outcome)
+        return True
+
+    def resume(self, passed: Passed, req: Request) -> Exchange:
+        """The ``Exchange`` a ``Passed`` request would have had (its outcome so far): the full
+        path takes it from here (``response``, ``error``, streaming)."""
+        return Exchange(
+            req, passed.key, passed.outcome, sem.RequestDirectives.from_headers(req.headers),
+            forwarded_at=passed.forwarded_at, passing=True,
+        )
+
+    def pass_failed(self, passed: Passed) -> None:
+        """A ``Passed`` request got no answer (``error``): its outcome goes to the observers."""
+        self.service.finished(passed.outcome)
 
     async def _go_upstream(self, ex: Exchange, stale: StoredResponse | None) -> None:
         """The origin is needed: wait for another request's fetch, lead one, or revalidate."""

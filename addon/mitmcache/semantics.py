@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import email.utils
+import functools
 import re
 import time
 from collections.abc import Iterable, Sequence
@@ -90,6 +91,11 @@ def split_list(values: Iterable[str]) -> list[str]:
     """RFC 9110 §5.6.1 list syntax: split on commas outside quoted strings, drop empties."""
     out: list[str] = []
     for value in values:
+        if '"' not in value:
+            # No quoted string, so every comma separates (a backslash escapes only inside
+            # quotes): str.split gives the same members, without a loop per character.
+            out.extend(item for item in (part.strip() for part in value.split(",")) if item)
+            continue
         buf: list[str] = []
         quoted = escaped = False
         for ch in value:
@@ -134,9 +140,12 @@ def parse_http_date(value: str | None, now: float | None = None) -> float | None
     if not value:
         return None
     text = value.strip(" \t")
-    if m := _IMF_FIXDATE.fullmatch(text):
-        day, month, year, hour, minute, second = m.groups()
-    elif m := _RFC850_DATE.fullmatch(text):
+    if len(text) > _LONGEST_DATE:
+        return None
+    matched, parsed = _parse_fixed_date(text)
+    if matched:
+        return parsed
+    if m := _RFC850_DATE.fullmatch(text):
         day, month, yy, hour, minute, second = m.groups()
         now = time.time() if now is None else now
         this_year = datetime.datetime.fromtimestamp(now, datetime.UTC).year
@@ -145,11 +154,24 @@ def parse_http_date(value: str | None, now: float | None = None) -> float | None
         if parsed is not None and parsed > now + 50 * 365.2425 * 86400:
             parsed = _date(str(century - 100 + int(yy)), month, day, hour, minute, second)
         return parsed
+    return None
+
+
+_LONGEST_DATE = len("Wednesday, 09-Nov-94 08:49:37 GMT")  # the longest of the three forms
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_fixed_date(text: str) -> tuple[bool, float | None]:
+    """The two forms that need no clock (IMF-fixdate, asctime): (matched, epoch seconds).
+    Memoised: a response's Date and Last-Modified repeat across answers (bounded: at most
+    1024 strings of at most ``_LONGEST_DATE`` characters)."""
+    if m := _IMF_FIXDATE.fullmatch(text):
+        day, month, year, hour, minute, second = m.groups()
     elif m := _ASCTIME_DATE.fullmatch(text):
         month, day, hour, minute, second, year = m.groups()
     else:
-        return None
-    return _date(year, month, day, hour, minute, second)
+        return False, None
+    return True, _date(year, month, day, hour, minute, second)
 
 
 def _date(year: str, month: str, day: str, hour: str, minute: str, second: str) -> float | None:
@@ -254,7 +276,15 @@ class ResponseDirectives:
     @classmethod
     def from_headers(cls, headers: HeaderList, targets: Sequence[str] = ()) -> ResponseDirectives:
         """``targets``: the targeted fields (RFC 9213) that take precedence over Cache-Control."""
-        cc = parse_cache_control(cache_policy(headers, targets)[0])
+        lines = tuple(cache_policy(headers, targets)[0])
+        if sum(map(len, lines)) <= _MEMO_DIRECTIVES_CHARS:
+            return _response_directives(lines)  # an origin sends the same few values again and again
+        return cls.from_lines(lines)
+
+    @classmethod
+    def from_lines(cls, lines: Sequence[str]) -> ResponseDirectives:
+        """From the Cache-Control lines that govern (``cache_policy``)."""
+        cc = parse_cache_control(lines)
         invalid = False
 
         def delta(name: str) -> int | None:
@@ -291,6 +321,14 @@ class ResponseDirectives:
         return self.must_revalidate or self.proxy_revalidate or self.s_maxage is not None or self.no_cache
 
 
+_MEMO_DIRECTIVES_CHARS = 256  # directive lines longer in all are parsed each time (the memo stays small)
+
+
+@functools.lru_cache(maxsize=512)
+def _response_directives(lines: tuple[str, ...]) -> ResponseDirectives:
+    return ResponseDirectives.from_lines(lines)
+
+
 @dataclass(frozen=True, slots=True)
 class RequestDirectives:
     """Request Cache-Control directives (RFC 9111 §5.2.1) plus Pragma (§5.4)."""
@@ -305,6 +343,8 @@ class RequestDirectives:
     @classmethod
     def from_headers(cls, headers: HeaderList) -> RequestDirectives:
         cc_values = header_values(headers, "cache-control")
+        if not cc_values and not header_values(headers, "pragma"):
+            return _NO_REQUEST_DIRECTIVES  # most requests say nothing about caching
         cc = parse_cache_control(cc_values)
         no_cache = "no-cache" in cc
         # §5.4: Pragma: no-cache counts only when the request has no Cache-Control.
@@ -325,6 +365,9 @@ class RequestDirectives:
             min_fresh=parse_delta_seconds(cc.get("min-fresh")) if "min-fresh" in cc else None,
             only_if_cached="only-if-cached" in cc,
         )
+
+
+_NO_REQUEST_DIRECTIVES = RequestDirectives()
 
 
 # --------------------------------------------------------------------------- Vary
@@ -570,6 +613,17 @@ def malformed_fields(headers: HeaderList) -> list[str]:
 
 
 _CHECKED_FIELDS = frozenset({"cache-control", "date", "last-modified", "expires", "age"})
+
+# Every field ``storability`` reads, besides the targeted fields (RFC 9213) it is given, every
+# field ``malformed_fields`` checks, and every field the lifetime of a stored response depends
+# on (``make_stored_response(...).retain_until()``: freshness, age, stale windows, validators,
+# and Connection, which can make a field hop-by-hop): these give the same answer for a header
+# list and for its lines with these names (in order). The hit-for-pass fast path picks just
+# these lines in one pass over a response instead of converting all of them.
+STORABILITY_REQUEST_FIELDS = frozenset({"cache-control", "pragma", "authorization"})
+STORABILITY_RESPONSE_FIELDS = (
+    frozenset({"cache-control", "set-cookie", "vary", "expires", "etag", "connection"}) | _CHECKED_FIELDS
+)
 
 
 # --------------------------------------------------------------------------- stored entries

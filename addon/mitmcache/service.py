@@ -40,6 +40,10 @@ PASS_REASONS = frozenset({
     sem.NotStorable.TOO_LARGE, sem.NotStorable.NOT_CACHEABLE, sem.NotStorable.POLICY,
 })
 MAX_PASS_SECONDS = 300.0  # the longest a marker lives, whatever max-age the answer names
+# refusal(): verdicts remembered by the lines they were read from (an origin repeats its
+# answers' fields; Date changes once a second), for answers whose lines are short.
+MEMO_SIZE = 1024
+MEMO_FIELD_CHARS = 2048
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +90,9 @@ class CacheService:
         self.pipeline = Pipeline(self)
         self.purger = Purger(self)
         self._bad_input_logged: dict[str, float] = {}
+        # refusal()'s verdicts: (status, request lines, response lines, over the size bound)
+        # → (reason, malformed field kinds), for one Settings object.
+        self._refusals: tuple[Settings | None, dict[tuple[object, ...], tuple[sem.NotStorable | None, tuple[str, ...]]]] = (None, {})
 
     # ------------------------------------------------------------------ the store path
 
@@ -181,13 +188,62 @@ class CacheService:
         URLs with nothing stored, so a marker never hides another variant. Not for reasons
         that depend on the request or for a 5xx (a failing origin's next answer may be
         storable, and coalescing is what protects it then)."""
-        if reason not in PASS_REASONS or response.status >= 500 or self.settings.hit_for_pass <= 0:
+        if not self._marks(key, reason, response.status, now):
             return
-        if self.store.pass_left(key, now) > self.settings.hit_for_pass / 2:
-            return  # a passed request's answer: the marker is renewed only when half spent
         max_age = sem.ResponseDirectives.from_headers(response.headers, self.settings.targets).max_age
         lifetime = min(float(max_age) if max_age else self.settings.hit_for_pass, MAX_PASS_SECONDS)
         await self.store.mark_pass(key, HitForPass(now + lifetime, reason.value), now)
+
+    def _marks(self, key: str, reason: sem.NotStorable, status: int, now: float) -> bool:
+        """Whether an answer refused for ``reason`` sets (or renews) the URL's marker: only
+        reasons that describe the URL itself, never a 5xx, and a live marker only when half
+        spent (a passed request's answer does not rewrite it every time)."""
+        if reason not in PASS_REASONS or status >= 500 or self.settings.hit_for_pass <= 0:
+            return False
+        return self.store.pass_left(key, now) <= self.settings.hit_for_pass / 2
+
+    def refusal(
+        self, key: str, status: int, request_headers: sem.HeaderList, response_headers: sem.HeaderList,
+        body_length: int, request_time: float, response_time: float, now: float,
+    ) -> sem.NotStorable | None:
+        """For a GET sent upstream by a hit-for-pass marker (nothing stored, no operator rule):
+        why its whole answer is not stored, when ``admit`` would do nothing but say so — count
+        malformed fields and refuse (RFC 9111 §3, or no lifetime left), the marker needing no
+        renewal. None when ``admit`` must run: the answer is storable (storing it ends the
+        marker), or it renews the marker. Header lists may hold just the lines ``storability``,
+        ``malformed_fields`` and the stored lifetime read (``sem.STORABILITY_*_FIELDS`` and the
+        targeted fields); times as ``admit`` gets them (request_time: when it went upstream)."""
+        settings = self.settings
+        memo_key = (status, tuple(request_headers), tuple(response_headers), body_length > settings.max_object_bytes)
+        if self._refusals[0] is not settings:
+            self._refusals = (settings, {})
+        memo = self._refusals[1]
+        found = memo.get(memo_key)
+        if found is None:
+            reason = sem.storability(
+                "GET", status, request_headers, response_headers, body_length, settings.max_object_bytes, settings.targets
+            )
+            found = (reason, tuple(sem.malformed_fields(response_headers)))
+            if sum(len(v) for _, v in (*request_headers, *response_headers)) <= MEMO_FIELD_CHARS:  # a small memo
+                if len(memo) >= MEMO_SIZE:
+                    del memo[next(iter(memo))]  # the oldest
+                memo[memo_key] = found
+        reason, malformed = found
+        if reason is None:
+            # Storable by §3, but admit keeps nothing without lifetime left (``no-freshness``:
+            # e.g. a 200 without Cache-Control, Expires or Last-Modified): the same entry, no body.
+            entry = sem.make_stored_response(
+                status, "", request_headers, response_headers, b"", request_time, response_time,
+                settings.heuristic_cap, settings.targets,
+            )
+            if entry.retain_until() > now:
+                return None
+            reason = sem.NotStorable.NOT_CACHEABLE
+        if self._marks(key, reason, status, now):
+            return None
+        for kind in malformed:
+            self.bad_input(kind, f"{sem.header_get(response_headers, kind)!r} for {key!r}")
+        return reason
 
     async def invalidate(self, keys: list[str]) -> int:
         """Drop every variant of ``keys`` from L1 and L2 (§4.4, purge), and every key that

@@ -381,6 +381,14 @@ class TieredStore:
             except L2Error as e:
                 log.debug(f"mitmcache: L2 hit-for-pass marker not written: {e}")
 
+    def pass_marker(self, key: str, now: float) -> HitForPass | None:
+        """This proxy's live hit-for-pass marker for ``key`` (L1 only: no I/O), else None."""
+        marker = self._passes.get(key)
+        if marker is None or marker.until > now:
+            return marker
+        del self._passes[key]
+        return None
+
     def pass_left(self, key: str, now: float) -> float:
         """Seconds left of this proxy's hit-for-pass marker for ``key`` (0: none)."""
         marker = self._passes.get(key)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from mitmcache import codec
@@ -95,3 +95,81 @@ def test_codec_round_trips_any_field_value_bytes_rfc_9110_5_5(raws: list[bytes])
     assert decoded.headers == entry.headers
     assert [v.encode("utf-8", "surrogateescape") for v in sem.header_values(decoded.headers, "x-bytes")] == raws
     assert decoded.etag is not None and decoded.etag.encode("utf-8", "surrogateescape") == raws[0]
+
+
+# The fields storability reads, the targeted ones (RFC 9213) and others, in any case.
+STORABILITY_NAMES = st.sampled_from([
+    "Cache-Control", "cache-control", "CDN-Cache-Control", "Mitmcache-Cache-Control", "Expires", "Date",
+    "Last-Modified", "Age", "Vary", "Set-Cookie", "set-cookie2", "Pragma", "Authorization", "ETag", "X-Other",
+    "Connection", "Keep-Alive",
+])
+STORABILITY_VALUES = st.one_of(
+    VALUES,
+    st.sampled_from([
+        "no-store", "private", "max-age=60, public", "s-maxage=5", "must-revalidate", "a=1", "Accept, *",
+        "stale-while-revalidate=30", "cache-control", "etag, last-modified", "keep-alive", "expires",
+    ]),
+)
+STORABILITY_HEADERS = st.lists(st.tuples(STORABILITY_NAMES, STORABILITY_VALUES), max_size=8)
+TARGETS = ("mitmcache-cache-control", sem.CDN_CACHE_CONTROL)
+
+
+def picked(headers: list[tuple[str, str]], names: frozenset[str]) -> list[tuple[str, str]]:
+    return [(k, v) for k, v in headers if k.lower() in names]
+
+
+@settings(max_examples=500, deadline=None)
+@given(req=STORABILITY_HEADERS, resp=STORABILITY_HEADERS, status=st.sampled_from([200, 203, 204, 206, 302, 304, 404, 500, 503]),
+       length=st.integers(0, 2000))
+@example(req=[], resp=[("Connection", "cache-control"), ("Cache-Control", "max-age=60")], status=200, length=10)
+@example(req=[], resp=[("ETag", '"x"'), ("Cache-Control", "max-age=0")], status=200, length=10)
+def test_storability_reads_only_the_fields_it_names(req, resp, status, length) -> None:  # type: ignore[no-untyped-def]
+    """The hit-for-pass fast path judges an answer from just these lines (one pass over the
+    fields): the verdict, the malformed-field report and how long a stored entry would be kept
+    are the full lists'."""
+    names = sem.STORABILITY_RESPONSE_FIELDS | set(TARGETS)
+    few_req, few_resp = picked(req, sem.STORABILITY_REQUEST_FIELDS), picked(resp, names)
+    assert sem.storability("GET", status, few_req, few_resp, length, 1000, TARGETS) == sem.storability(
+        "GET", status, req, resp, length, 1000, TARGETS
+    )
+    assert sem.malformed_fields(few_resp) == sem.malformed_fields(resp)
+    kept = [sem.make_stored_response(status, "", r, h, b"", NOW - 1, NOW, 86400, TARGETS).retain_until() for r, h in ((req, resp), (few_req, few_resp))]
+    assert kept[0] == kept[1]
+
+
+def split_list_per_character(values: list[str]) -> list[str]:
+    """RFC 9110 §5.6.1, the long way: a state machine over every character (the reference)."""
+    out: list[str] = []
+    for value in values:
+        buf: list[str] = []
+        quoted = escaped = False
+        for ch in value:
+            if escaped:
+                escaped = False
+            elif ch == "\\" and quoted:
+                escaped = True
+            elif ch == '"':
+                quoted = not quoted
+            elif ch == "," and not quoted:
+                if item := "".join(buf).strip():
+                    out.append(item)
+                buf = []
+                continue
+            buf.append(ch)
+        if item := "".join(buf).strip():
+            out.append(item)
+    return out
+
+
+@settings(max_examples=500, deadline=None)
+@given(values=st.lists(st.one_of(VALUES, st.text(alphabet=' ,"\\\tab=\u00a0', max_size=20)), max_size=4))
+def test_split_list_without_quotes_splits_as_the_state_machine(values: list[str]) -> None:
+    assert sem.split_list(values) == split_list_per_character(values)
+
+
+@settings(max_examples=300, deadline=None)
+@given(lines=st.lists(STORABILITY_VALUES, max_size=3))
+def test_memoised_response_directives_are_the_parsed_ones(lines: list[str]) -> None:
+    headers = [("Cache-Control", v) for v in lines]
+    assert sem.ResponseDirectives.from_headers(headers) == sem.ResponseDirectives.from_lines(lines)
+    assert sem.ResponseDirectives.from_headers(headers) == sem.ResponseDirectives.from_headers(headers)

@@ -18,11 +18,12 @@ from mitmproxy import ctx, http
 from mitmproxy.net.http.http1 import expected_http_body_size
 from mitmproxy.utils import human
 
+from .. import semantics as sem
 from ..messages import Request, Response
 from ..semantics import format_http_date
 from ..outcome import HIT, MISS, STALE, Outcome
-from ..pipeline import Exchange
-from ..policy import PolicySet
+from ..pipeline import Exchange, Passed
+from ..policy import Policy, PolicySet
 from ..service import CacheService
 from . import origin_deadline
 from .config import reject_unparsable, report_option_errors
@@ -35,16 +36,44 @@ METADATA_KEY = "mitmcache"
 MARKERS = {HIT: ":green_circle:", STALE: ":orange_circle:"}
 
 
-def request_from_flow(flow: http.HTTPFlow, policies: PolicySet) -> Request:
+_MATCH = object()  # request_from_flow: match the operator rules
+
+
+def request_from_flow(flow: http.HTTPFlow, policies: PolicySet, policy: Policy | None | object = _MATCH) -> Request:
+    """The flow's request as a plain value, under ``policy`` (default: the rule of ``policies``
+    that matches the flow, if any)."""
     r = flow.request
+    if policy is _MATCH:
+        policy = match_flow(policies, flow) if policies else None
+    assert policy is None or isinstance(policy, Policy)
     return Request(
         # The method as sent: mitmproxy's Request.method upper-cases it, but methods are
         # case-sensitive (RFC 9110 §9.1): a "get" is not a GET.
         r.data.method.decode("utf-8", "surrogateescape"), r.scheme, r.host, r.port, r.path,
         tuple(r.headers.items(multi=True)), r.host_header, r.timestamp_start or time.time(),
-        match_flow(policies, flow) if policies else None,
-        r.authority,
+        policy, r.authority,
     )
+
+
+_REQUEST_FIELDS = frozenset(n.encode() for n in sem.STORABILITY_REQUEST_FIELDS)
+_KEY_MEMO_SIZE = 4096  # request targets whose key is remembered (the hot URLs of a busy proxy)
+_KEY_MEMO_PATH = 1024  # bytes: longer request targets are not remembered
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")  # as mitmproxy decodes header bytes
+
+
+def may_exceed(fields: tuple[tuple[bytes, bytes], ...], limit: int) -> bool:
+    """False when the response's framing says its body is within ``limit`` bytes or of
+    unknown length (every Content-Length line plain digits within it, or none): then only
+    ``stream_large_bodies`` could make it stream. True: ask ``body_length``."""
+    for name, value in fields:
+        if name.lower() == b"content-length":
+            value = value.strip()
+            if not value.isdigit() or len(value) > 18 or int(value) > limit:
+                return True
+    return False
 
 
 def response_from_flow(flow: http.HTTPFlow) -> Response:
@@ -137,6 +166,14 @@ class HttpCache:
         # Forwarded requests the cache waits on, until their response headers arrive.
         self._deadlines: dict[http.HTTPFlow, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # Requests sent upstream by a hit-for-pass marker on the fast path (no Exchange yet).
+        self._passing: weakref.WeakKeyDictionary[http.HTTPFlow, Passed] = weakref.WeakKeyDictionary()
+        # Request target → cache key, for requests no operator rule matches (keys.for_request
+        # costs more than a passed request's whole hook should).
+        self._keys: dict[tuple[object, ...], str] = {}
+        # The response lines the pass fast path reads (storability, malformed fields), as
+        # bytes, compiled once per Settings object (the targeted fields are settings).
+        self._wanted: tuple[object, frozenset[bytes]] = (None, frozenset())
         self.replay: Replay | None = None  # record and replay (addons/replay.py), set by default_addons
         self.purge: Callable[[http.HTTPFlow], Awaitable[None]] | None = None  # answers PURGE (addons/purge.py)
 
@@ -177,7 +214,21 @@ class HttpCache:
                 if replayed.label is not None:
                     self._render(flow, replayed)
                 return
-        ex = await self.service.pipeline.request(request_from_flow(flow, self.service.policies))
+        service = self.service
+        policy = match_flow(service.policies, flow) if service.policies else None
+        key = None
+        if policy is None:
+            # Hit-for-pass fast path: one pass over the request's fields, the key, one dict
+            # lookup; a passed request builds nothing else (pipeline.pass_at_once).
+            key, fields, only_if_cached = self._scan_request(flow)
+            method = flow.request.data.method
+            if (method == b"GET" or method == b"HEAD") and not only_if_cached:
+                now = time.time()
+                marker = service.store.pass_marker(key, now)
+                if marker is not None:
+                    self._passing[flow] = service.pipeline.pass_at_once(key, method.decode(), marker, fields, now)
+                    return
+        ex = await service.pipeline.request(request_from_flow(flow, service.policies, policy), key)
         if ex.reply is not None:
             self._answer(flow, ex.reply, ex.outcome)
             return
@@ -192,6 +243,75 @@ class HttpCache:
             for name, value in ex.validators:
                 headers[name] = value
 
+    def _scan_request(self, flow: http.HTTPFlow) -> tuple[str, sem.HeaderList, bool]:
+        """One pass over the request's fields: its cache key (memoised by what
+        ``keys.for_request`` reads of a request no rule matches), the lines storability reads,
+        and whether it says only-if-cached (RFC 9111 §5.2.1.7)."""
+        data = flow.request.data
+        hosts: list[bytes] = []
+        fields: list[tuple[str, str]] = []
+        for name, value in data.headers.fields:
+            lower = name.lower()
+            if lower == b"host":
+                hosts.append(value)
+            elif lower in _REQUEST_FIELDS:
+                fields.append((_text(name), _text(value)))
+        memo = (data.scheme, data.host, data.port, data.path, data.authority, data.http_version, *hosts)
+        key = self._keys.get(memo)
+        if key is None:
+            r = flow.request
+            key = self.service.keys.build(r.scheme, r.host, r.port, r.path, r.host_header, None, (), r.authority)
+            if len(data.path) <= _KEY_MEMO_PATH:  # a bounded memo: long targets are keyed each time
+                if len(self._keys) >= _KEY_MEMO_SIZE:
+                    del self._keys[next(iter(self._keys))]  # the oldest
+                self._keys[memo] = key
+        only_if_cached = bool(fields) and sem.RequestDirectives.from_headers(fields).only_if_cached
+        return key, fields, only_if_cached
+
+    def _resume(self, flow: http.HTTPFlow) -> Exchange | None:
+        """The Exchange of a request on the pass fast path, built now for the full path."""
+        passed = self._passing.pop(flow, None)
+        if passed is None:
+            return None
+        ex = self._exchanges[flow] = self.service.pipeline.resume(passed, request_from_flow(flow, self.service.policies, None))
+        return ex
+
+    def _finish_passed(self, flow: http.HTTPFlow, passed: Passed) -> bool:
+        """The answer to a request on the pass fast path, in one pass over its fields: True
+        when it is done (not storable, the marker stays: headers stamped, outcome rendered);
+        False when the full path must take it (storable now, the marker due for renewal, a
+        streamed body)."""
+        resp = flow.response
+        assert resp is not None
+        body = resp.raw_content
+        if resp.stream or body is None:
+            return False
+        wanted, drop = self._response_fields(), self._drop()[1]
+        fields: list[tuple[str, str]] = []
+        dated = dropping = False
+        for name, value in resp.headers.fields:
+            lower = name.lower()
+            if lower in wanted:
+                fields.append((_text(name), _text(value)))
+                dated = dated or lower == b"date"
+            if lower in drop:
+                dropping = True
+        now = time.time()
+        received = resp.timestamp_end or now
+        if not self.service.pipeline.finish_pass(passed, resp.status_code, fields, len(body), received, now):
+            return False
+        # RFC 9110 §6.6.1: a recipient with a clock adds the time of receipt (as _add_date).
+        date = () if dated else ((b"Date", format_http_date(received).encode()),)
+        self._render(flow, passed.outcome, date, dropping)
+        return True
+
+    def _response_fields(self) -> frozenset[bytes]:
+        settings = self.service.settings
+        if self._wanted[0] is not settings:
+            names = sem.STORABILITY_RESPONSE_FIELDS | set(settings.targets)
+            self._wanted = (settings, frozenset(n.lower().encode() for n in names))
+        return self._wanted[1]
+
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         """Stream what should not be held whole: a body over cache_max_object_bytes (it cannot be
         stored anyway), and — once the user enables mitmproxy's ``stream_large_bodies`` — any
@@ -204,18 +324,20 @@ class HttpCache:
         resp = flow.response
         if resp is None or callable(resp.stream):
             return  # another addon streams it its own way
+        limit = self.service.settings.max_object_bytes
+        threshold = self.stream_threshold
+        if not resp.stream and threshold is None and not may_exceed(resp.headers.fields, limit):
+            return  # the common case, decided without reading the framing twice
         length = body_length(flow)
         if length == 0:
             return
-        limit = self.service.settings.max_object_bytes
-        threshold = self.stream_threshold
         if not (
             resp.stream
             or (length is not None and length > limit)
             or (threshold is not None and (length is None or length > threshold))
         ):
             return
-        ex = self._exchanges.get(flow)
+        ex = self._exchanges.get(flow) or self._resume(flow)
         storable = (
             ex is not None and ex.request.method == "GET" and not ex.bypass and (length is None or length <= limit)
         )
@@ -244,7 +366,12 @@ class HttpCache:
         if self.replay is not None and self.replay.active and self.replay.record(flow):
             return  # recorded as the origin sent it: the cache adds nothing
         ex = self._exchanges.pop(flow, None)
-        if ex is None or flow.response is None:
+        if ex is None:
+            passed = self._passing.pop(flow, None)
+            if passed is None or flow.response is None or self._finish_passed(flow, passed):
+                return
+            ex = self.service.pipeline.resume(passed, request_from_flow(flow, self.service.policies, None))
+        if flow.response is None:
             return
         self._add_date(flow.response)
         received = response_from_flow(flow)
@@ -268,6 +395,8 @@ class HttpCache:
         ex = self._exchanges.pop(flow, None)
         if ex is not None:
             await self.service.pipeline.error(ex)
+        elif (passed := self._passing.pop(flow, None)) is not None:
+            self.service.pipeline.pass_failed(passed)
 
     def _disarm(self, flow: http.HTTPFlow) -> None:
         timer = self._deadlines.pop(flow, None)
@@ -330,16 +459,22 @@ class HttpCache:
             self._dropped = (settings, names, frozenset(n.encode() for n in names))
         return self._dropped[1], self._dropped[2]
 
-    def _render(self, flow: http.HTTPFlow, outcome: Outcome) -> None:
+    def _render(
+        self, flow: http.HTTPFlow, outcome: Outcome, add: tuple[tuple[bytes, bytes], ...] = (), dropping: bool = True
+    ) -> None:
+        """Stamp the status fields on the response (after ``add``); ``dropping`` False: the
+        caller saw none of the fields it drops."""
         resp = flow.response
         assert resp is not None and outcome.label is not None
         rendered = outcome.status.render()
         # One pass over the fields (mitmproxy's Headers edits cost more): purge tags are stored,
         # not sent on (cache_tag_headers); the status fields are ours.
-        drop = self._drop()[1]
+        fields = resp.headers.fields
+        if dropping:
+            drop = self._drop()[1]
+            fields = tuple(f for f in fields if f[0].lower() not in drop)
         resp.headers.fields = (
-            *(f for f in resp.headers.fields if f[0].lower() not in drop),
-            (b"X-Cache-Status", outcome.label.encode()), (b"Cache-Status", _wire(rendered)),
+            *fields, *add, (b"X-Cache-Status", outcome.label.encode()), (b"Cache-Status", _wire(rendered)),
         )
         self._annotate(flow, outcome, rendered)
 
