@@ -1,0 +1,104 @@
+"""End to end: the leader's deadline (cache_origin_timeout_ms) where the deadline passes before
+the leader's request has reached the origin — real mitmdump, a real origin that hangs.
+
+The deadline is armed when the request hook returns, but the request reaches the origin later
+when mitmproxy has to wait for a connection (an HTTP/2 client multiplexing more requests to one
+origin than mitmproxy opens connections for it, 5 per client connection), or when the request
+hook itself waited out the deadline (another proxy's fill lease in Valkey). Such a leader must
+still be answered at its deadline, not left to the origin's (here 30 s) silence.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import valkey
+
+from mitmcache.valkey_nodes import ValkeyNode
+from tests.conftest import Proxy, running_nodes, start_proxy
+from tests.e2e.test_hostile import (
+    _stop_clean, arrivals, cache_key, digest, exchange, metric, q, request_bytes, start_hostile_origin,
+)
+from tests.origin import Origin
+
+HUNG = "delay=30000"  # the origin's answer comes long after every client here has given up
+
+
+@pytest.fixture(scope="module")
+def origin() -> Iterator[Origin]:
+    o = start_hostile_origin()
+    yield o
+    o.stop()
+
+
+def _curl_http2() -> str:
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl is not installed")
+    features = subprocess.run([curl, "--version"], capture_output=True, text=True).stdout
+    if "HTTP2" not in features:
+        pytest.skip("curl has no HTTP/2")
+    return curl
+
+
+def test_http2_client_multiplexing_more_hung_leaders_than_upstream_connections(origin: Origin, tmp_path: Path) -> None:
+    """One HTTP/2 client connection, 8 requests for 8 cold URLs of a hung origin at once: mitmproxy
+    opens at most 5 connections to the origin for it, so 3 requests wait for one while their
+    deadline passes. Each leader still gets the cache's 504 (detail=origin-timeout) — the ones
+    that reach the origin late as soon as they do — and each hung request reaches the origin
+    once; nothing waits for the origin's 30 s."""
+    curl = _curl_http2()
+    proxy = start_proxy(tmp_path, f"reverse:{origin.url}", "cache_origin_timeout_ms=1000")
+    try:
+        base = f"https://127.0.0.1:{proxy.port}"
+        hung = [f"/h2many/{i}?cc={q('max-age=60')}&{HUNG}" for i in range(8)]
+        # --parallel without --parallel-immediate: the first transfer's connection is set up, the
+        # others are multiplexed over it (one client connection, one HTTP layer).
+        args = [curl, "-sk", "--http2", "--parallel", "--parallel-max", "20", "-m", "5",
+                "-w", "%{http_version} %{http_code} %header{cache-status} %{url_effective}\\n", "-o", "/dev/null"]
+        for target in [f"/h2many/first?cc={q('max-age=60')}", *hung]:
+            args += [f"{base}{target}", "-o", "/dev/null"]
+        done = subprocess.run(args, capture_output=True, text=True, timeout=30)
+        got = {line.rsplit(" ", 1)[1].removeprefix(base): line for line in done.stdout.splitlines() if line.strip()}
+        print(done.stdout)
+        assert got[f"/h2many/first?cc={q('max-age=60')}"].startswith("2 200 "), got
+        for target in hung:
+            line = got.get(target, "no answer")
+            assert line.startswith("2 504 ") and "detail=origin-timeout" in line, (target, line)
+            assert len(arrivals(origin, target)) == 1, target
+        assert metric(proxy, "mitmcache_origin_timeouts_total") == len(hung)
+    finally:
+        _stop_clean(proxy)
+
+
+@pytest.fixture(scope="module")
+def ring() -> Iterator[list[ValkeyNode]]:
+    with running_nodes(1) as nodes:
+        yield nodes
+
+
+def test_lease_wait_shares_the_leaders_deadline(origin: Origin, ring: list[ValkeyNode], tmp_path: Path) -> None:
+    """Another proxy holds the URL's fill lease (its fetch hangs, or it crashed holding it) for
+    longer than cache_origin_timeout_ms: this proxy's request waits for that fill, but no longer
+    than its own deadline — then it gets the 504 its local waiters get (detail=origin-timeout),
+    instead of going to the hung origin after the lease with a deadline already passed."""
+    urls = ",".join(n.url for n in ring)
+    proxy = start_proxy(tmp_path, f"reverse:{origin.url}", f"cache_valkey_urls={urls}",
+                        "cache_origin_timeout_ms=1000", "cache_lease_ms=2500")
+    node = valkey.Valkey(port=ring[0].port)
+    try:
+        target = f"/leasehung?cc={q('max-age=60')}&{HUNG}"
+        lease = f"mitmcache:lease:{digest(cache_key(origin, target))}"
+        assert node.set(lease, b"other-proxy", px=2500)
+        r = exchange(proxy.port, request_bytes(b"GET", target.encode(), f"127.0.0.1:{proxy.port}".encode()), timeout=6.0)
+        assert (r.status, r.cache) == (504, "MISS"), (r.status, r.status_line)
+        assert "origin-timeout" in r.status_line, r.status_line
+        time.sleep(2.0)  # past the other proxy's lease: had the request gone upstream, it arrived
+        assert arrivals(origin, target) == []
+    finally:
+        _stop_clean(proxy)
