@@ -289,13 +289,23 @@ class Pipeline:
             return False
         metrics.lease_waits.inc()
         start = time.time()
-        resource, why = await store.wait_for_fill(ex.key, settings.lease_ms / 1000, ex.resource, ex.variant)
+        # The other proxy's fetch gets no longer than this request's own deadline — the one
+        # its local waiters share (a fetch started after it would begin with no time left).
+        assert ex.flight is not None
+        deadline = ex.flight.started + settings.origin_timeout
+        bound = min(settings.lease_ms / 1000, max(0.0, deadline - time.monotonic()))
+        resource, why = await store.wait_for_fill(ex.key, bound, ex.resource, ex.variant)
         ex.outcome.time("cache.lease_wait", start)
         if why == "timeout":
             metrics.lease_timeouts.inc()
         entry = sem.select_variant(resource.variants, ex.request.headers) if resource is not None else None
         if entry is not None and self._serve_collapsed(ex, entry, FlightResult.STORED, "lease-wait"):
             await self._finish(ex, FlightResult.STORED, resource)
+            return True
+        if why == "timeout" and time.monotonic() >= deadline:
+            ex.outcome.status.detail.append("lease-wait")
+            self._origin_timed_out(ex)  # as its local waiters were answered
+            await self._finish(ex, FlightResult.TIMED_OUT)
             return True
         return False  # fetch ourselves; our local waiters keep waiting for us
 

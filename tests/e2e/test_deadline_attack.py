@@ -97,7 +97,7 @@ def test_lease_wait_shares_the_leaders_deadline(origin: Origin, ring: list[Valke
         assert node.set(lease, b"other-proxy", px=2500)
         r = exchange(proxy.port, request_bytes(b"GET", target.encode(), f"127.0.0.1:{proxy.port}".encode()), timeout=6.0)
         assert (r.status, r.cache) == (504, "MISS"), (r.status, r.status_line)
-        assert "origin-timeout" in r.status_line, r.status_line
+        assert "detail=lease-wait+origin-timeout" in r.status_line, r.status_line
         time.sleep(2.0)  # past the other proxy's lease: had the request gone upstream, it arrived
         assert arrivals(origin, target) == []
     finally:

@@ -32,6 +32,9 @@ from .replay import Replay
 log = logging.getLogger("mitmcache")
 
 METADATA_KEY = "mitmcache"
+# A leader whose deadline passed before its request reached the origin (see origin_deadline):
+# asked again after RECHECK seconds, doubling up to RECHECK_MAX, until the request is out.
+RECHECK, RECHECK_MAX = 0.02, 0.25
 MARKERS = {HIT: ":green_circle:", STALE: ":orange_circle:"}
 
 
@@ -274,15 +277,17 @@ class HttpCache:
         if timer is not None:
             timer.cancel()
 
-    def _deadline_passed(self, flow: http.HTTPFlow) -> None:
+    def _deadline_passed(self, flow: http.HTTPFlow, recheck: float = RECHECK) -> None:
         self._deadlines.pop(flow, None)
-        task = asyncio.ensure_future(self._time_out(flow))
+        task = asyncio.ensure_future(self._time_out(flow, recheck))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _time_out(self, flow: http.HTTPFlow) -> None:
+    async def _time_out(self, flow: http.HTTPFlow, recheck: float = RECHECK) -> None:
         """The origin gave no response headers within cache_origin_timeout_ms: answer the flow
-        as its waiters are answered (origin_deadline.py delivers it), and give up the fetch."""
+        as its waiters are answered (origin_deadline.py delivers it), and give up the fetch.
+        A request not yet sent (mitmproxy still opening or waiting for a connection) is asked
+        about again every ``recheck`` seconds (growing), and answered as soon as it is out."""
         ex = self._exchanges.get(flow)
         if ex is None or flow.response is not None or not flow.live:
             return
@@ -303,7 +308,12 @@ class HttpCache:
         except Exception:  # mitmproxy internals: never an addon error, the flow goes on as it is
             log.exception(f"mitmcache: could not answer {flow.request.url} after its origin timed out")
             route = None
-        if route is None:
+        if route == "pending" and flow in self._exchanges and not flow.intercepted:
+            # Not sent yet: ask again soon (an intercepted flow is the user's; mitmproxy waits).
+            self._deadlines[flow] = asyncio.get_running_loop().call_later(
+                recheck, self._deadline_passed, flow, min(recheck * 2, RECHECK_MAX))
+            return
+        if route is None or route == "pending":
             if flow in self._exchanges:
                 log.info(f"mitmcache: {why} for {flow.request.url}; mitmproxy keeps waiting (see README, Protecting the origin)")
             else:  # answered the pipeline's way but not delivered: the stream's own end (error hook) follows
