@@ -47,11 +47,13 @@ def _curl_http2() -> str:
 
 
 def test_http2_client_multiplexing_more_hung_leaders_than_upstream_connections(origin: Origin, tmp_path: Path) -> None:
-    """One HTTP/2 client connection, 8 requests for 8 cold URLs of a hung origin at once: mitmproxy
-    opens at most 5 connections to the origin for it, so 3 requests wait for one while their
-    deadline passes. Each leader still gets the cache's 504 (detail=origin-timeout) — the ones
-    that reach the origin late as soon as they do — and each hung request reaches the origin
-    once; nothing waits for the origin's 30 s."""
+    """One HTTP/2 client connection, 8 requests for 8 cold URLs of a hung origin at once, then one
+    for a URL the origin answers at once: mitmproxy opens at most 5 connections to the origin for
+    it, so 4 requests wait for one while their deadline passes. Each hung leader still gets the
+    cache's 504 (detail=origin-timeout) — the ones that reach the origin late after
+    cache_origin_timeout_ms from then — and reaches the origin once; nothing waits for the
+    origin's 30 s. The healthy URL, queued behind them, gets its answer: time spent waiting for
+    a connection inside mitmproxy is not the origin's."""
     curl = _curl_http2()
     proxy = start_proxy(tmp_path, f"reverse:{origin.url}", "cache_origin_timeout_ms=1000")
     try:
@@ -59,9 +61,10 @@ def test_http2_client_multiplexing_more_hung_leaders_than_upstream_connections(o
         hung = [f"/h2many/{i}?cc={q('max-age=60')}&{HUNG}" for i in range(8)]
         # --parallel without --parallel-immediate: the first transfer's connection is set up, the
         # others are multiplexed over it (one client connection, one HTTP layer).
-        args = [curl, "-sk", "--http2", "--parallel", "--parallel-max", "20", "-m", "5",
+        args = [curl, "-sk", "--http2", "--parallel", "--parallel-max", "20", "-m", "6",
                 "-w", "%{http_version} %{http_code} %header{cache-status} %{url_effective}\\n", "-o", "/dev/null"]
-        for target in [f"/h2many/first?cc={q('max-age=60')}", *hung]:
+        healthy = f"/h2many/healthy?cc={q('max-age=60')}"
+        for target in [f"/h2many/first?cc={q('max-age=60')}", *hung, healthy]:
             args += [f"{base}{target}", "-o", "/dev/null"]
         done = subprocess.run(args, capture_output=True, text=True, timeout=30)
         got = {line.rsplit(" ", 1)[1].removeprefix(base): line for line in done.stdout.splitlines() if line.strip()}
@@ -71,6 +74,7 @@ def test_http2_client_multiplexing_more_hung_leaders_than_upstream_connections(o
             line = got.get(target, "no answer")
             assert line.startswith("2 504 ") and "detail=origin-timeout" in line, (target, line)
             assert len(arrivals(origin, target)) == 1, target
+        assert got[healthy].startswith("2 200 ") and "fwd-status=200" in got[healthy], got[healthy]
         assert metric(proxy, "mitmcache_origin_timeouts_total") == len(hung)
     finally:
         _stop_clean(proxy)

@@ -33,7 +33,7 @@ log = logging.getLogger("mitmcache")
 
 METADATA_KEY = "mitmcache"
 # A leader whose deadline passed before its request reached the origin (see origin_deadline):
-# asked again after RECHECK seconds, doubling up to RECHECK_MAX, until the request is out.
+# looked at again after RECHECK seconds, doubling up to RECHECK_MAX, until the request is out.
 RECHECK, RECHECK_MAX = 0.02, 0.25
 MARKERS = {HIT: ":green_circle:", STALE: ":orange_circle:"}
 
@@ -186,8 +186,16 @@ class HttpCache:
             return
         self._exchanges[flow] = ex
         delay = self.service.pipeline.origin_deadline(ex)
+        if delay is not None and delay <= 0:
+            # The deadline passed while this hook waited (for another proxy's fill of the key):
+            # answered as its waiters were, not sent to an origin that has no time left.
+            self._exchanges.pop(flow, None)
+            self._answer(flow, self.service.pipeline.origin_timed_out(ex), ex.outcome)
+            log.info(f"mitmcache: {self._why()} for {flow.request.url}: answered {flow.response.status_code} before forwarding")
+            await self.service.pipeline.abandon_fetch(ex)
+            return
         if delay is not None:
-            self._deadlines[flow] = asyncio.get_running_loop().call_later(max(0.0, delay), self._deadline_passed, flow)
+            self._deadlines[flow] = asyncio.get_running_loop().call_later(delay, self._deadline_passed, flow)
         if ex.validators or ex.strip_conditionals:
             headers = flow.request.headers
             for name in ("if-none-match", "if-modified-since"):
@@ -277,22 +285,44 @@ class HttpCache:
         if timer is not None:
             timer.cancel()
 
-    def _deadline_passed(self, flow: http.HTTPFlow, recheck: float = RECHECK) -> None:
+    def _why(self) -> str:
+        timeout_ms = round(self.service.settings.origin_timeout * 1000)
+        return f"the origin did not answer within cache_origin_timeout_ms ({timeout_ms} ms)"
+
+    def _deadline_passed(self, flow: http.HTTPFlow) -> None:
         self._deadlines.pop(flow, None)
-        task = asyncio.ensure_future(self._time_out(flow, recheck))
+        task = asyncio.ensure_future(self._time_out(flow))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _time_out(self, flow: http.HTTPFlow, recheck: float = RECHECK) -> None:
+    def _until_sent(self, flow: http.HTTPFlow, recheck: float) -> None:
+        """The deadline passed before the request reached the origin (mitmproxy was opening a
+        connection, or waiting for a free one): look again every ``recheck`` seconds (growing)
+        until it is out, then give the origin cache_origin_timeout_ms from then — time spent
+        queued inside mitmproxy is not the origin's."""
+        self._deadlines.pop(flow, None)
+        if flow not in self._exchanges or flow.response is not None or not flow.live:
+            return
+        try:
+            sent = origin_deadline.sent(flow)
+        except Exception:  # mitmproxy internals: never an addon error, the flow goes on as it is
+            log.exception(f"mitmcache: could not follow {flow.request.url} after its deadline")
+            return
+        loop = asyncio.get_running_loop()
+        if sent is False:
+            self._deadlines[flow] = loop.call_later(recheck, self._until_sent, flow, min(recheck * 2, RECHECK_MAX))
+        elif sent:
+            self._deadlines[flow] = loop.call_later(self.service.settings.origin_timeout, self._deadline_passed, flow)
+        elif flow.error is None:
+            log.info(f"mitmcache: {self._why()} for {flow.request.url}; mitmproxy keeps waiting (see README, Protecting the origin)")
+
+    async def _time_out(self, flow: http.HTTPFlow) -> None:
         """The origin gave no response headers within cache_origin_timeout_ms: answer the flow
-        as its waiters are answered (origin_deadline.py delivers it), and give up the fetch.
-        A request not yet sent (mitmproxy still opening or waiting for a connection) is asked
-        about again every ``recheck`` seconds (growing), and answered as soon as it is out."""
+        as its waiters are answered (origin_deadline.py delivers it), and give up the fetch."""
         ex = self._exchanges.get(flow)
         if ex is None or flow.response is not None or not flow.live:
             return
-        timeout_ms = round(self.service.settings.origin_timeout * 1000)
-        why = f"the origin did not answer within cache_origin_timeout_ms ({timeout_ms} ms)"
+        why = self._why()
 
         def build() -> http.Response:
             self._exchanges.pop(flow, None)  # the response hook sees our answer, not the origin's
@@ -309,9 +339,8 @@ class HttpCache:
             log.exception(f"mitmcache: could not answer {flow.request.url} after its origin timed out")
             route = None
         if route == "pending" and flow in self._exchanges and not flow.intercepted:
-            # Not sent yet: ask again soon (an intercepted flow is the user's; mitmproxy waits).
-            self._deadlines[flow] = asyncio.get_running_loop().call_later(
-                recheck, self._deadline_passed, flow, min(recheck * 2, RECHECK_MAX))
+            # Not sent yet (an intercepted flow is the user's to hold: mitmproxy waits).
+            self._deadlines[flow] = asyncio.get_running_loop().call_later(RECHECK, self._until_sent, flow, RECHECK * 2)
             return
         if route is None or route == "pending":
             if flow in self._exchanges:
