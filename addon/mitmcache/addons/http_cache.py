@@ -340,6 +340,8 @@ class HttpCache:
             route = None
         if route == "pending" and flow in self._exchanges and not flow.intercepted:
             # Not sent yet (an intercepted flow is the user's to hold: mitmproxy waits).
+            log.info(f"mitmcache: {why} for {flow.request.url}, which has not reached it yet (mitmproxy is "
+                     "opening or waiting for a connection): it gets that long again once sent")
             self._deadlines[flow] = asyncio.get_running_loop().call_later(RECHECK, self._until_sent, flow, RECHECK * 2)
             return
         if route is None or route == "pending":
