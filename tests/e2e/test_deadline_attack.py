@@ -106,3 +106,29 @@ def test_lease_wait_shares_the_leaders_deadline(origin: Origin, ring: list[Valke
         assert arrivals(origin, target) == []
     finally:
         _stop_clean(proxy)
+
+
+def test_client_leaving_before_its_queued_request_is_sent_does_not_poison_the_url(origin: Origin, tmp_path: Path) -> None:
+    """An HTTP/2 client asks for 5 hung URLs and then 2 healthy ones on one connection, and gives
+    up before its deadline: the healthy requests were still queued for an origin connection
+    (mitmproxy opens 5), and mitmproxy tells no addon that they ended. They led their URLs'
+    fetches; the next request for such a URL must reach the origin and get its answer — not the
+    504 of a fetch that never started (which every later request would get, without the origin
+    being asked, until the proxy restarts)."""
+    curl = _curl_http2()
+    proxy = start_proxy(tmp_path, f"reverse:{origin.url}", "cache_origin_timeout_ms=1000")
+    try:
+        base = f"https://127.0.0.1:{proxy.port}"
+        healthy = [f"/h2left/ok{i}?cc={q('max-age=60')}" for i in range(2)]
+        targets = [f"/h2left/first?cc={q('max-age=60')}", *(f"/h2left/hung{i}?{HUNG}" for i in range(5)), *healthy]
+        args = [curl, "-sk", "--http2", "--parallel", "-m", "0.5", "-o", "/dev/null"]
+        for target in targets:
+            args += [f"{base}{target}", "-o", "/dev/null"]
+        subprocess.run(args, capture_output=True, text=True, timeout=30)
+        time.sleep(1.5)  # past the deadline of every request above
+        for target in healthy:
+            r = exchange(proxy.port, request_bytes(b"GET", target.encode(), f"127.0.0.1:{proxy.port}".encode()), timeout=5.0)
+            assert (r.status, r.body) == (200, target.split("?")[0].encode() + b" #1"), (target, r.status, r.status_line)
+            assert "fwd-status=200" in r.status_line, r.status_line
+    finally:
+        _stop_clean(proxy)
