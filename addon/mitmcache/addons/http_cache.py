@@ -12,7 +12,8 @@ import dataclasses
 import logging
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 from mitmproxy import ctx, http
 from mitmproxy.net.http.http1 import expected_http_body_size
@@ -291,9 +292,22 @@ class HttpCache:
 
     def _deadline_passed(self, flow: http.HTTPFlow) -> None:
         self._deadlines.pop(flow, None)
-        task = asyncio.ensure_future(self._time_out(flow))
+        self._spawn(self._time_out(flow))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _client_left(self, flow: http.HTTPFlow) -> None:
+        """The client left while its request waited for an origin connection: mitmproxy ends
+        such a flow without an ``error`` hook, so the fetch it leads is failed here — its
+        waiters elect a new leader and its lease is released; else the flight would stay, and
+        every later request for the URL would share its long-passed deadline (an instant 504)."""
+        ex = self._exchanges.pop(flow, None)
+        if ex is not None:
+            log.info(f"mitmcache: the client left before {flow.request.url} reached the origin: its fetch is given up")
+            await self.service.pipeline.error(ex)
 
     def _until_sent(self, flow: http.HTTPFlow, recheck: float) -> None:
         """The deadline passed before the request reached the origin (mitmproxy was opening a
@@ -302,6 +316,9 @@ class HttpCache:
         queued inside mitmproxy is not the origin's."""
         self._deadlines.pop(flow, None)
         if flow not in self._exchanges or flow.response is not None or not flow.live:
+            return
+        if flow.client_conn.timestamp_end is not None and flow.error is None:
+            self._spawn(self._client_left(flow))
             return
         try:
             sent = origin_deadline.sent(flow)
@@ -322,6 +339,8 @@ class HttpCache:
         ex = self._exchanges.get(flow)
         if ex is None or flow.response is not None or not flow.live:
             return
+        if flow.client_conn.timestamp_end is not None and flow.error is None:
+            return await self._client_left(flow)
         why = self._why()
 
         def build() -> http.Response:
