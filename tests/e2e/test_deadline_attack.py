@@ -16,11 +16,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import valkey
 
 from mitmcache.valkey_nodes import ValkeyNode
-from tests.conftest import Proxy, running_nodes, start_proxy
+from tests.conftest import running_mitmweb, running_nodes, start_proxy
 from tests.e2e.test_hostile import (
     _stop_clean, arrivals, cache_key, digest, exchange, metric, q, request_bytes, start_hostile_origin,
 )
@@ -132,3 +133,20 @@ def test_client_leaving_before_its_queued_request_is_sent_does_not_poison_the_ur
             assert "fwd-status=200" in r.status_line, r.status_line
     finally:
         _stop_clean(proxy)
+
+
+def test_intercepted_leader_whose_client_leaves_after_its_deadline_does_not_poison_the_url(origin: Origin, tmp_path: Path) -> None:
+    """mitmweb intercepts a request that leads its URL's fetch; its deadline passes while it is
+    held, then its client gives up. mitmproxy sends no error hook for a flow held in a hook, so
+    the cache must notice the client leaving itself: the next request for the URL (interception
+    off) reaches the origin and gets its answer, not an instant 504 from the abandoned fetch."""
+    with running_mitmweb(tmp_path, origin, "cache_origin_timeout_ms=1000", "intercept=~q & ~u /iw/") as web:
+        target = f"/iw/held?cc={q('max-age=60')}"
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.get(web.proxy_url + target, timeout=1.8)  # held past its deadline, then gone
+        time.sleep(0.5)
+        assert [f["intercepted"] for f in web.flows("/iw/")] == [True]
+        web.set_options(intercept="")
+        r = web.client.get(target)
+        assert (r.status_code, r.text) == (200, "/iw/held #1"), (r.status_code, r.headers.get("cache-status"))
+        assert "fwd-status=200" in r.headers["cache-status"], r.headers["cache-status"]
