@@ -357,8 +357,9 @@ class HttpCache:
         except Exception:  # mitmproxy internals: never an addon error, the flow goes on as it is
             log.exception(f"mitmcache: could not answer {flow.request.url} after its origin timed out")
             route = None
-        if route == "pending" and flow in self._exchanges and not flow.intercepted:
-            # Not sent yet (an intercepted flow is the user's to hold: mitmproxy waits).
+        if route == "pending" and flow in self._exchanges:
+            # Not sent yet (also an intercepted flow: the origin's time starts when it is resumed
+            # and sent; followed meanwhile, as mitmproxy tells no addon if its client leaves).
             log.info(f"mitmcache: {why} for {flow.request.url}, which has not reached it yet (mitmproxy is "
                      "opening or waiting for a connection): it gets that long again once sent")
             self._deadlines[flow] = asyncio.get_running_loop().call_later(RECHECK, self._until_sent, flow, RECHECK * 2)
