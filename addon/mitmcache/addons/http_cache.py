@@ -299,6 +299,12 @@ class HttpCache:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    @staticmethod
+    def _client_gone(flow: http.HTTPFlow) -> bool:
+        """The flow's client has disconnected (a replayed flow's copied client never had one)
+        and mitmproxy has reported no error for the flow."""
+        return flow.client_conn.timestamp_end is not None and flow.error is None and flow.is_replay is None
+
     async def _client_left(self, flow: http.HTTPFlow) -> None:
         """The client left while its request waited for an origin connection: mitmproxy ends
         such a flow without an ``error`` hook, so the fetch it leads is failed here — its
@@ -317,7 +323,7 @@ class HttpCache:
         self._deadlines.pop(flow, None)
         if flow not in self._exchanges or flow.response is not None or not flow.live:
             return
-        if flow.client_conn.timestamp_end is not None and flow.error is None:
+        if self._client_gone(flow):
             self._spawn(self._client_left(flow))
             return
         try:
@@ -339,7 +345,7 @@ class HttpCache:
         ex = self._exchanges.get(flow)
         if ex is None or flow.response is not None or not flow.live:
             return
-        if flow.client_conn.timestamp_end is not None and flow.error is None:
+        if self._client_gone(flow):
             return await self._client_left(flow)
         why = self._why()
 
