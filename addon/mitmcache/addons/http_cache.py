@@ -191,8 +191,9 @@ class HttpCache:
             # The deadline passed while this hook waited (for another proxy's fill of the key):
             # answered as its waiters were, not sent to an origin that has no time left.
             self._exchanges.pop(flow, None)
-            self._answer(flow, self.service.pipeline.origin_timed_out(ex), ex.outcome)
-            log.info(f"mitmcache: {self._why()} for {flow.request.url}: answered {flow.response.status_code} before forwarding")
+            reply = self.service.pipeline.origin_timed_out(ex)
+            self._answer(flow, reply, ex.outcome)
+            log.info(f"mitmcache: {self._why()} for {flow.request.url}: answered {reply.status} before forwarding")
             await self.service.pipeline.abandon_fetch(ex)
             return
         if delay is not None:
@@ -363,14 +364,14 @@ class HttpCache:
         except Exception:  # mitmproxy internals: never an addon error, the flow goes on as it is
             log.exception(f"mitmcache: could not answer {flow.request.url} after its origin timed out")
             route = None
-        if route == "pending" and flow in self._exchanges:
+        if route == "pending":
             # Not sent yet (also an intercepted flow: the origin's time starts when it is resumed
             # and sent; followed meanwhile, as mitmproxy tells no addon if its client leaves).
             log.info(f"mitmcache: {why} for {flow.request.url}, which has not reached it yet (mitmproxy is "
                      "opening or waiting for a connection): it gets that long again once sent")
             self._deadlines[flow] = asyncio.get_running_loop().call_later(RECHECK, self._until_sent, flow, RECHECK * 2)
             return
-        if route is None or route == "pending":
+        if route is None:
             if flow in self._exchanges:
                 log.info(f"mitmcache: {why} for {flow.request.url}; mitmproxy keeps waiting (see README, Protecting the origin)")
             else:  # answered the pipeline's way but not delivered: the stream's own end (error hook) follows
