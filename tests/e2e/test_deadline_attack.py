@@ -11,7 +11,9 @@ still be answered at its deadline, not left to the origin's (here 30 s) silence.
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +25,7 @@ import valkey
 from mitmcache.valkey_nodes import ValkeyNode
 from tests.conftest import running_mitmweb, running_nodes, start_proxy
 from tests.e2e.test_hostile import (
-    _stop_clean, arrivals, cache_key, digest, exchange, metric, q, request_bytes, start_hostile_origin,
+    Raw, _stop_clean, arrivals, cache_key, concurrently, digest, exchange, metric, q, request_bytes, start_hostile_origin,
 )
 from tests.origin import Origin
 
@@ -150,3 +152,64 @@ def test_intercepted_leader_whose_client_leaves_after_its_deadline_does_not_pois
         r = web.client.get(target)
         assert (r.status_code, r.text) == (200, "/iw/held #1"), (r.status_code, r.headers.get("cache-status"))
         assert "fwd-status=200" in r.headers["cache-status"], r.headers["cache-status"]
+
+
+class _SlowBodyOrigin:
+    """An HTTP/1.1 origin that sends a response's headers after ``head`` seconds and its body
+    ``body`` seconds later (one request per connection); ``count`` requests seen."""
+
+    def __init__(self, head: float, body: float) -> None:
+        self.head, self.body, self.count = head, body, 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            self.count += 1
+            body = b"slow body #%d" % self.count
+            time.sleep(self.head)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nConnection: close\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(body))
+            time.sleep(self.body)
+            conn.sendall(body)
+
+    def stop(self) -> None:
+        self.sock.close()
+
+
+def test_waiters_keep_waiting_once_the_origin_has_begun_to_answer(tmp_path: Path) -> None:
+    """The deadline bounds the time to the origin's first byte (README: once headers arrive,
+    the body may take as long as it takes). The origin sends the headers before the deadline and
+    the body after it: the leader gets the 200 — and so must the requests waiting for its fetch,
+    not a 504 "origin-timeout" from an origin that did answer in time."""
+    slow = _SlowBodyOrigin(head=0.5, body=1.0)
+    proxy = start_proxy(tmp_path, f"reverse:{slow.url}", "cache_origin_timeout_ms=1000", "cache_coalesce_wait_ms=5000")
+    try:
+        request = request_bytes(b"GET", b"/slowbody", f"127.0.0.1:{proxy.port}".encode())
+        got = concurrently([lambda: exchange(proxy.port, request, timeout=5.0)] * 4, stagger=0.2)
+        for r in got:
+            assert isinstance(r, Raw), r
+            assert (r.status, r.body) == (200, b"slow body #1"), (r.status, r.status_line)
+        assert slow.count == 1
+    finally:
+        _stop_clean(proxy)
+        slow.stop()
