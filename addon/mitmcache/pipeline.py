@@ -248,15 +248,20 @@ class Pipeline:
                 ex.flight, ex.flight_key, ex.variant = service.coalescer.lead(flight_key), flight_key, variant
                 return await self._lease(ex)
             service.metrics.coalesced.inc()
-            start = time.time()
+            start, began = time.time(), time.monotonic()
             # Waiters share the leader's origin timeout: a hung origin costs one request per
             # key, and each waiter at most cache_origin_timeout_ms from the fetch's start.
             deadline = flight.started + service.settings.origin_timeout
-            bound = min(service.settings.coalesce_wait, max(0.0, deadline - time.monotonic()))
+            bound = min(service.settings.coalesce_wait, max(0.0, deadline - began))
             waited = await service.coalescer.wait(flight, bound)
+            if waited is None and flight.answering:
+                # The origin began to answer by the deadline, which bounds its first byte (as
+                # the leader's): its body may take the rest of cache_coalesce_wait_ms.
+                rest = began + service.settings.coalesce_wait - time.monotonic()
+                waited = await service.coalescer.wait(flight, max(0.0, rest))
             ex.outcome.time("cache.coalesce_wait", start)
             if waited is None:
-                if time.monotonic() >= deadline:
+                if time.monotonic() >= deadline and not flight.answering:
                     self._origin_timed_out(ex)
                     return True
                 return False  # waited long enough: go alone
@@ -331,6 +336,12 @@ class Pipeline:
         if ex.revalidating is not None:
             return self.service.settings.origin_timeout
         return None
+
+    def origin_answering(self, ex: Exchange) -> None:
+        """The origin has sent the response headers of the fetch ``ex`` leads: its waiters wait
+        for the rest (the deadline bounds the first byte only)."""
+        if ex.flight is not None:
+            ex.flight.answering = True
 
     def origin_timed_out(self, ex: Exchange) -> Response:
         """The origin gave no response headers by ``origin_deadline``: the answer for this

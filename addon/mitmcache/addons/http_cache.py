@@ -212,8 +212,10 @@ class HttpCache:
         goes through a ``Tee`` (stored while it streams, when it ends whole within
         cache_max_object_bytes). Its headers leave now, so they say MISS now
         (``detail=streamed``); the flow's comment and metadata get the final outcome."""
-        if self._deadlines:
-            self._disarm(flow)
+        if self._deadlines and self._disarm(flow):
+            ex = self._exchanges.get(flow)  # None for the cache's own answer at the deadline
+            if ex is not None:
+                self.service.pipeline.origin_answering(ex)
         resp = flow.response
         if resp is None or callable(resp.stream):
             return  # another addon streams it its own way
@@ -282,10 +284,12 @@ class HttpCache:
         if ex is not None:
             await self.service.pipeline.error(ex)
 
-    def _disarm(self, flow: http.HTTPFlow) -> None:
+    def _disarm(self, flow: http.HTTPFlow) -> bool:
+        """Cancel ``flow``'s deadline; whether it had one."""
         timer = self._deadlines.pop(flow, None)
         if timer is not None:
             timer.cancel()
+        return timer is not None
 
     def _why(self) -> str:
         timeout_ms = round(self.service.settings.origin_timeout * 1000)
