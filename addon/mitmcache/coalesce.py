@@ -28,6 +28,9 @@ class Flight:
     future: asyncio.Future[tuple[FlightResult, Resource | None]]
     started: float = field(default_factory=time.monotonic)
     waiters: int = 0
+    # The origin has sent the leader's response headers: the deadline (a bound on the first
+    # byte, cache_origin_timeout_ms) no longer applies to its waiters.
+    answering: bool = False
 
 
 class Coalescer:

@@ -320,15 +320,20 @@ class Pipeline:
                 ex.flight, ex.flight_key, ex.variant = service.coalescer.lead(flight_key), flight_key, variant
                 return await self._lease(ex)
             service.metrics.coalesced.inc()
-            start = time.time()
+            start, began = time.time(), time.monotonic()
             # Waiters share the leader's origin timeout: a hung origin costs one request per
             # key, and each waiter at most cache_origin_timeout_ms from the fetch's start.
             deadline = flight.started + service.settings.origin_timeout
-            bound = min(service.settings.coalesce_wait, max(0.0, deadline - time.monotonic()))
+            bound = min(service.settings.coalesce_wait, max(0.0, deadline - began))
             waited = await service.coalescer.wait(flight, bound)
+            if waited is None and flight.answering:
+                # The origin began to answer by the deadline, which bounds its first byte (as
+                # the leader's): its body may take the rest of cache_coalesce_wait_ms.
+                rest = began + service.settings.coalesce_wait - time.monotonic()
+                waited = await service.coalescer.wait(flight, max(0.0, rest))
             ex.outcome.time("cache.coalesce_wait", start)
             if waited is None:
-                if time.monotonic() >= deadline:
+                if time.monotonic() >= deadline and not flight.answering:
                     self._origin_timed_out(ex)
                     return True
                 return False  # waited long enough: go alone
@@ -361,13 +366,23 @@ class Pipeline:
             return False
         metrics.lease_waits.inc()
         start = time.time()
-        resource, why = await store.wait_for_fill(ex.key, settings.lease_ms / 1000, ex.resource, ex.variant)
+        # The other proxy's fetch gets no longer than this request's own deadline — the one
+        # its local waiters share (a fetch started after it would begin with no time left).
+        assert ex.flight is not None
+        deadline = ex.flight.started + settings.origin_timeout
+        bound = min(settings.lease_ms / 1000, max(0.0, deadline - time.monotonic()))
+        resource, why = await store.wait_for_fill(ex.key, bound, ex.resource, ex.variant)
         ex.outcome.time("cache.lease_wait", start)
         if why == "timeout":
             metrics.lease_timeouts.inc()
         entry = sem.select_variant(resource.variants, ex.request.headers) if resource is not None else None
         if entry is not None and self._serve_collapsed(ex, entry, FlightResult.STORED, "lease-wait"):
             await self._finish(ex, FlightResult.STORED, resource)
+            return True
+        if why == "timeout" and time.monotonic() >= deadline:
+            ex.outcome.status.detail.append("lease-wait")
+            self._origin_timed_out(ex)  # as its local waiters were answered
+            await self._finish(ex, FlightResult.TIMED_OUT)
             return True
         return False  # fetch ourselves; our local waiters keep waiting for us
 
@@ -393,6 +408,12 @@ class Pipeline:
         if ex.revalidating is not None:
             return self.service.settings.origin_timeout
         return None
+
+    def origin_answering(self, ex: Exchange) -> None:
+        """The origin has sent the response headers of the fetch ``ex`` leads: its waiters wait
+        for the rest (the deadline bounds the first byte only)."""
+        if ex.flight is not None:
+            ex.flight.answering = True
 
     def origin_timed_out(self, ex: Exchange) -> Response:
         """The origin gave no response headers by ``origin_deadline``: the answer for this

@@ -12,7 +12,8 @@ import dataclasses
 import logging
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 from mitmproxy import ctx, http
 from mitmproxy.net.http.http1 import expected_http_body_size
@@ -33,6 +34,9 @@ from .replay import Replay
 log = logging.getLogger("mitmcache")
 
 METADATA_KEY = "mitmcache"
+# A leader whose deadline passed before its request reached the origin (see origin_deadline):
+# looked at again after RECHECK seconds, doubling up to RECHECK_MAX, until the request is out.
+RECHECK, RECHECK_MAX = 0.02, 0.25
 MARKERS = {HIT: ":green_circle:", STALE: ":orange_circle:"}
 
 
@@ -234,8 +238,17 @@ class HttpCache:
             return
         self._exchanges[flow] = ex
         delay = self.service.pipeline.origin_deadline(ex)
+        if delay is not None and delay <= 0:
+            # The deadline passed while this hook waited (for another proxy's fill of the key):
+            # answered as its waiters were, not sent to an origin that has no time left.
+            self._exchanges.pop(flow, None)
+            reply = self.service.pipeline.origin_timed_out(ex)
+            self._answer(flow, reply, ex.outcome)
+            log.info(f"mitmcache: {self._why()} for {flow.request.url}: answered {reply.status} before forwarding")
+            await self.service.pipeline.abandon_fetch(ex)
+            return
         if delay is not None:
-            self._deadlines[flow] = asyncio.get_running_loop().call_later(max(0.0, delay), self._deadline_passed, flow)
+            self._deadlines[flow] = asyncio.get_running_loop().call_later(delay, self._deadline_passed, flow)
         if ex.validators or ex.strip_conditionals:
             headers = flow.request.headers
             for name in ("if-none-match", "if-modified-since"):
@@ -319,8 +332,10 @@ class HttpCache:
         goes through a ``Tee`` (stored while it streams, when it ends whole within
         cache_max_object_bytes). Its headers leave now, so they say MISS now
         (``detail=streamed``); the flow's comment and metadata get the final outcome."""
-        if self._deadlines:
-            self._disarm(flow)
+        if self._deadlines and self._disarm(flow):
+            ex = self._exchanges.get(flow)  # None for the cache's own answer at the deadline
+            if ex is not None:
+                self.service.pipeline.origin_answering(ex)
         resp = flow.response
         if resp is None or callable(resp.stream):
             return  # another addon streams it its own way
@@ -398,16 +413,65 @@ class HttpCache:
         elif (passed := self._passing.pop(flow, None)) is not None:
             self.service.pipeline.pass_failed(passed)
 
-    def _disarm(self, flow: http.HTTPFlow) -> None:
+    def _disarm(self, flow: http.HTTPFlow) -> bool:
+        """Cancel ``flow``'s deadline; whether it had one."""
         timer = self._deadlines.pop(flow, None)
         if timer is not None:
             timer.cancel()
+        return timer is not None
+
+    def _why(self) -> str:
+        timeout_ms = round(self.service.settings.origin_timeout * 1000)
+        return f"the origin did not answer within cache_origin_timeout_ms ({timeout_ms} ms)"
 
     def _deadline_passed(self, flow: http.HTTPFlow) -> None:
         self._deadlines.pop(flow, None)
-        task = asyncio.ensure_future(self._time_out(flow))
+        self._spawn(self._time_out(flow))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    def _client_gone(flow: http.HTTPFlow) -> bool:
+        """The flow's client has disconnected (a replayed flow's copied client never had one)
+        and mitmproxy has reported no error for the flow."""
+        return flow.client_conn.timestamp_end is not None and flow.error is None and flow.is_replay is None
+
+    async def _client_left(self, flow: http.HTTPFlow) -> None:
+        """The client left while its request waited for an origin connection: mitmproxy ends
+        such a flow without an ``error`` hook, so the fetch it leads is failed here — its
+        waiters elect a new leader and its lease is released; else the flight would stay, and
+        every later request for the URL would share its long-passed deadline (an instant 504)."""
+        ex = self._exchanges.pop(flow, None)
+        if ex is not None:
+            log.info(f"mitmcache: the client left before {flow.request.url} reached the origin: its fetch is given up")
+            await self.service.pipeline.error(ex)
+
+    def _until_sent(self, flow: http.HTTPFlow, recheck: float) -> None:
+        """The deadline passed before the request reached the origin (mitmproxy was opening a
+        connection, or waiting for a free one): look again every ``recheck`` seconds (growing)
+        until it is out, then give the origin cache_origin_timeout_ms from then — time spent
+        queued inside mitmproxy is not the origin's."""
+        self._deadlines.pop(flow, None)
+        if flow not in self._exchanges or flow.response is not None or not flow.live:
+            return
+        if self._client_gone(flow):
+            self._spawn(self._client_left(flow))
+            return
+        try:
+            sent = origin_deadline.sent(flow)
+        except Exception:  # mitmproxy internals: never an addon error, the flow goes on as it is
+            log.exception(f"mitmcache: could not follow {flow.request.url} after its deadline")
+            return
+        loop = asyncio.get_running_loop()
+        if sent is False:
+            self._deadlines[flow] = loop.call_later(recheck, self._until_sent, flow, min(recheck * 2, RECHECK_MAX))
+        elif sent:
+            self._deadlines[flow] = loop.call_later(self.service.settings.origin_timeout, self._deadline_passed, flow)
+        elif flow.error is None:
+            log.info(f"mitmcache: {self._why()} for {flow.request.url}; mitmproxy keeps waiting (see README, Protecting the origin)")
 
     async def _time_out(self, flow: http.HTTPFlow) -> None:
         """The origin gave no response headers within cache_origin_timeout_ms: answer the flow
@@ -415,8 +479,9 @@ class HttpCache:
         ex = self._exchanges.get(flow)
         if ex is None or flow.response is not None or not flow.live:
             return
-        timeout_ms = round(self.service.settings.origin_timeout * 1000)
-        why = f"the origin did not answer within cache_origin_timeout_ms ({timeout_ms} ms)"
+        if self._client_gone(flow):
+            return await self._client_left(flow)
+        why = self._why()
 
         def build() -> http.Response:
             self._exchanges.pop(flow, None)  # the response hook sees our answer, not the origin's
@@ -432,6 +497,13 @@ class HttpCache:
         except Exception:  # mitmproxy internals: never an addon error, the flow goes on as it is
             log.exception(f"mitmcache: could not answer {flow.request.url} after its origin timed out")
             route = None
+        if route == "pending":
+            # Not sent yet (also an intercepted flow: the origin's time starts when it is resumed
+            # and sent; followed meanwhile, as mitmproxy tells no addon if its client leaves).
+            log.info(f"mitmcache: {why} for {flow.request.url}, which has not reached it yet (mitmproxy is "
+                     "opening or waiting for a connection): it gets that long again once sent")
+            self._deadlines[flow] = asyncio.get_running_loop().call_later(RECHECK, self._until_sent, flow, RECHECK * 2)
+            return
         if route is None:
             if flow in self._exchanges:
                 log.info(f"mitmcache: {why} for {flow.request.url}; mitmproxy keeps waiting (see README, Protecting the origin)")

@@ -19,9 +19,14 @@ Where events cannot take that route it does less, and says so in its result:
 - The flow runs inside a CONNECT tunnel (HTTPS interception in regular or upstream mode): the
   tunnel turns injected body events into raw bytes for the server, so the stream is told the
   origin failed with a 504 instead (mitmproxy's error page; an HTTP/1 client connection closes).
+- The request has not reached the origin yet: mitmproxy is still opening the connection (a slow
+  connect or TLS handshake), or waits for one (it opens at most 5 per client connection and
+  origin, so an HTTP/2 client's sixth concurrent request waits for a free one), or the flow is
+  intercepted. Nothing is done (``"pending"``); the caller watches for the request to go out
+  (``sent``) and gives the origin its time from then.
 - The origin speaks HTTP/2 or HTTP/3, the stream is not waiting for response headers (the
-  connection is still being opened, or the answer has begun), or the connection is gone:
-  nothing is done (``None``) and mitmproxy's own limits apply.
+  answer has begun), or the connection is gone: nothing is done (``None``) and mitmproxy's own
+  limits apply.
 
 It relies on mitmproxy's proxy-core internals (``ConnectionHandler.server_event``, the layer
 stack, ``HttpStream`` states); mitmproxy is pinned below 13 and ``tests/e2e/test_hostile.py``
@@ -47,6 +52,7 @@ from mitmproxy.proxy.layers.http import (
 from mitmproxy.proxy.layers.http._http1 import Http1Client
 
 Route = Literal["direct", "tunneled"]
+Pending = Literal["pending"]
 HTTP1_ALPN = (None, b"", b"http/1.1", b"http/1.0")
 MAX_DEPTH = 32  # layers searched below a connection's top layer
 
@@ -131,26 +137,53 @@ def _http1_client(layer: Any) -> Http1Client | None:
     return None
 
 
-async def answer(flow: http.HTTPFlow, build: Callable[[], http.Response], why: str) -> Route | None:
-    """Answer ``flow``, forwarded and still waiting for the origin's response headers, with the
-    response ``build()`` makes (direct route) or a 504 error page naming ``why`` (tunneled route;
-    ``build`` is still called, so the caller records its outcome). ``build`` is called only once
-    the flow is known to be answerable. Returns the route taken, or None when the flow could not
-    be answered (see the module docstring)."""
+def _locate(flow: http.HTTPFlow) -> tuple[Any, list[tuple[HttpLayer, HttpStream]], Http1Client] | Pending | None:
+    """Where ``flow`` waits for the origin's response headers: its connection handler, the way
+    to its stream (see ``find_stream``) and the HTTP/1 client layer of its server connection;
+    ``"pending"`` while its request has not reached the origin; None when it cannot be answered."""
     proxyserver = ctx.master.addons.get("proxyserver")
     handler = getattr(proxyserver, "connections", {}).get(flow.client_conn.id)
-    server = flow.server_conn
-    if handler is None or flow.response is not None or not server.connected or server.alpn not in HTTP1_ALPN:
+    if handler is None or flow.response is not None or flow.error is not None:
         return None
     way = find_stream(handler.layer, flow)
-    # Only a stream waiting for response headers can take them: a stream still opening its
-    # connection, or already receiving the origin's answer, is left alone.
+    # Only a stream waiting for response headers can take them: a stream already receiving the
+    # origin's answer is left alone. (mitmproxy sets this state before the request hook, so a
+    # stream whose request is still on its way to the origin is in it too: see below.)
     if way is None or way[-1][1].server_state.__name__ != "state_wait_for_response_headers":
         return None
     http_layer, stream = way[-1]
-    client = _http1_client(http_layer.connections.get(server))
-    if client is None or client.stream_id != stream.stream_id:
+    server = flow.server_conn  # the stream's connection once it has one, the one it will open before
+    if server.alpn not in HTTP1_ALPN:
         return None
+    client = _http1_client(http_layer.connections.get(server)) if server.connected else None
+    if client is None or client.stream_id != stream.stream_id:
+        # Not sent yet: the connection is opening (TCP, TLS), mitmproxy waits for a free one, or
+        # the request hook has not returned (an intercepted flow). A connection that failed is
+        # reported by mitmproxy itself.
+        return "pending" if server.state is not ConnectionState.CLOSED or server.error is None else None
+    return handler, way, client
+
+
+def sent(flow: http.HTTPFlow) -> bool | None:
+    """Whether ``flow``'s request has reached the origin and waits for its response headers
+    (True), is still on its way (False), or neither — answered, failed, not answerable (None)."""
+    found = _locate(flow)
+    return None if found is None else found != "pending"
+
+
+async def answer(flow: http.HTTPFlow, build: Callable[[], http.Response], why: str) -> Route | Pending | None:
+    """Answer ``flow``, forwarded and still waiting for the origin's response headers, with the
+    response ``build()`` makes (direct route) or a 504 error page naming ``why`` (tunneled route;
+    ``build`` is still called, so the caller records its outcome). ``build`` is called only once
+    the flow is known to be answerable. Returns the route taken, ``"pending"`` when the request
+    has not reached the origin yet (nothing done), or None when the flow cannot be answered
+    (see the module docstring)."""
+    found = _locate(flow)
+    if found is None or found == "pending":
+        return found
+    handler, way, client = found
+    server = flow.server_conn
+    stream = way[-1][1]
     response = build()
     # First cut the origin off from the stream: the server connection's client layer now
     # addresses stream 0, which never exists (and, being falsy, is not told of the close), so
