@@ -409,6 +409,13 @@ class Pipeline:
             return self.service.settings.origin_timeout
         return None
 
+    def origin_sent(self, ex: Exchange) -> None:
+        """The request ``ex`` leads reached the origin only after its deadline had passed
+        (mitmproxy had no connection free for it): the origin's time, which its waiters share,
+        starts now — else every request for the URL meanwhile would be an instant 504."""
+        if ex.flight is not None:
+            ex.flight.started = time.monotonic()
+
     def origin_answering(self, ex: Exchange) -> None:
         """The origin has sent the response headers of the fetch ``ex`` leads: its waiters wait
         for the rest (the deadline bounds the first byte only)."""

@@ -469,6 +469,7 @@ class HttpCache:
         if sent is False:
             self._deadlines[flow] = loop.call_later(recheck, self._until_sent, flow, min(recheck * 2, RECHECK_MAX))
         elif sent:
+            self.service.pipeline.origin_sent(self._exchanges[flow])
             self._deadlines[flow] = loop.call_later(self.service.settings.origin_timeout, self._deadline_passed, flow)
         elif flow.error is None:
             log.info(f"mitmcache: {self._why()} for {flow.request.url}; mitmproxy keeps waiting (see README, Protecting the origin)")
