@@ -292,3 +292,96 @@ def test_garbage_values_and_killed_node_under_batched_reads(origin: Origin, tmp_
                 assert r.status == 200 and r.body.split(b" #")[0] == t.split("?")[0].encode(), (t, r.body)
         finally:
             _stop_clean(p)
+
+
+# ============================================================ a node that answers garbage
+
+
+class _GarbageNode:
+    """A TCP server speaking just enough RESP to pass for a Valkey node (PING, HELLO, CLIENT …
+    answered), whose reply to a read (GET/MGET) is ``reply``: bytes no real server sends."""
+
+    def __init__(self, reply: bytes) -> None:
+        import socketserver
+        import threading
+
+        outer = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                buf = b""
+                sock = self.request
+                while True:
+                    try:
+                        chunk = sock.recv(65536)
+                    except OSError:
+                        return
+                    if not chunk:
+                        return
+                    buf += chunk
+                    while True:
+                        parsed = _parse_command(buf)
+                        if parsed is None:
+                            break
+                        command, buf = parsed
+                        name = command[0].upper() if command else b""
+                        if name in (b"GET", b"MGET"):
+                            outer.reads += 1
+                            sock.sendall(outer.reply)
+                        elif name == b"PING":
+                            sock.sendall(b"+PONG\r\n")
+                        else:
+                            sock.sendall(b"+OK\r\n")
+
+        self.reply = reply
+        self.reads = 0
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"valkey://127.0.0.1:{self.server.server_address[1]}"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _parse_command(buf: bytes) -> tuple[list[bytes], bytes] | None:
+    """One RESP array of bulk strings from ``buf`` (None: incomplete)."""
+    if not buf.startswith(b"*") or b"\r\n" not in buf:
+        return None
+    head, rest = buf.split(b"\r\n", 1)
+    items = []
+    for _ in range(int(head[1:])):
+        if b"\r\n" not in rest:
+            return None
+        size_line, rest = rest.split(b"\r\n", 1)
+        size = int(size_line[1:])
+        if len(rest) < size + 2:
+            return None
+        items.append(rest[:size])
+        rest = rest[size + 2:]
+    return items, rest
+
+
+@pytest.mark.parametrize("reply", [b"*1\r\n$abc\r\n", b"$-5\r\n", b"*1\r\n$-7\r\n"], ids=["bad-length", "negative", "negative-in-array"])
+def test_a_node_answering_garbage_to_reads_is_a_counted_l2_error(origin: Origin, tmp_path: Path, reply: bytes) -> None:
+    """Bytes no Valkey server sends, in answer to the batched read: the read fails like any
+    L2 error (counted, the request answered from the origin), never an addon error."""
+    node = _GarbageNode(reply)
+    p = start_proxy(tmp_path, f"reverse:{origin.url}", f"cache_valkey_urls={node.url}", "cache_valkey_timeout_ms=300")
+    try:
+        target = f"/fp/garbage-{reply.hex()}?cc={STORABLE}"
+        rs = concurrently([lambda: send(p, "GET", target) for _ in range(3)])
+        for r in rs:
+            assert not isinstance(r, Exception), r
+            assert r.status == 200 and r.body.startswith(b"/fp/garbage-"), (r.status, r.body)
+        assert node.reads >= 1
+        errors = sum(v for k, v in p.metrics().items() if k.startswith("mitmcache_valkey_errors_total") and 'op="get"' in k)
+        assert errors >= 1
+    finally:
+        out = _stop_clean(p)
+        node.stop()
+    assert "Addon error" not in out and "Traceback" not in out, out[-3000:]
