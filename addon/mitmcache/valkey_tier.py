@@ -31,6 +31,10 @@ from .ring import NodeAddress, Ring
 log = logging.getLogger("mitmcache")
 
 FAILURE_THRESHOLD = 3
+# What a node's failure looks like to the client: valkey-py's own errors, the socket's, the
+# deadline — and ValueError, which its RESP parser raises on a malformed reply (a garbage
+# bulk length, a negative size) from a server that is not (or no longer) speaking RESP.
+NODE_ERRORS = (TimeoutError, ValkeyError, OSError, ValueError)
 PROBE_INTERVAL = 0.5
 MAX_PENDING_DELETES = 10_000
 
@@ -391,7 +395,7 @@ class ValkeyTier:
                         batch = []
                 if batch:
                     removed += await node.client.unlink(*batch)
-            except (TimeoutError, ValkeyError, OSError) as e:
+            except NODE_ERRORS as e:
                 log.warning(f"mitmcache: clearing {node.name} failed: {type(e).__name__}: {e}")
         return removed
 
@@ -416,7 +420,7 @@ class ValkeyTier:
         async def ping(node: Node) -> str | None:
             try:
                 await asyncio.wait_for(node.client.ping(), self.timeout)
-            except (TimeoutError, ValkeyError, OSError) as e:
+            except NODE_ERRORS as e:
                 return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
             return None
 
@@ -446,7 +450,7 @@ class ValkeyTier:
         start = time.perf_counter()
         try:
             result = await (call() if bounded else asyncio.wait_for(call(), timeout or self.timeout))
-        except (TimeoutError, ValkeyError, OSError) as e:
+        except NODE_ERRORS as e:
             self._failed(node, op, e)
             raise L2Error(f"{node.name} {op}: {type(e).__name__}: {e}") from e
         finally:
@@ -481,7 +485,7 @@ class ValkeyTier:
                     keys = list(node.pending_deletes)
                     await asyncio.wait_for(node.client.delete(*keys), self.timeout * 4)
                     node.pending_deletes.clear()
-            except (TimeoutError, ValkeyError, OSError):
+            except NODE_ERRORS:
                 continue
             node.failures = 0
             node.up = True
