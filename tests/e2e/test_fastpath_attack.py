@@ -301,7 +301,7 @@ class _GarbageNode:
     """A TCP server speaking just enough RESP to pass for a Valkey node (PING, HELLO, CLIENT …
     answered), whose reply to a read (GET/MGET) is ``reply``: bytes no real server sends."""
 
-    def __init__(self, reply: bytes) -> None:
+    def __init__(self, reply: bytes, everything: bool = False) -> None:
         import socketserver
         import threading
 
@@ -325,7 +325,7 @@ class _GarbageNode:
                             break
                         command, buf = parsed
                         name = command[0].upper() if command else b""
-                        if name in (b"GET", b"MGET"):
+                        if name in (b"GET", b"MGET") or outer.everything:
                             outer.reads += 1
                             sock.sendall(outer.reply)
                         elif name == b"PING":
@@ -334,6 +334,7 @@ class _GarbageNode:
                             sock.sendall(b"+OK\r\n")
 
         self.reply = reply
+        self.everything = everything
         self.reads = 0
         self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
@@ -455,3 +456,21 @@ def test_streamed_answers_on_a_passed_url(origin: Origin, tmp_path: Path, framin
         assert origin.count(target) == 2
     finally:
         _stop_clean(p)
+
+
+def test_a_node_answering_garbage_to_everything_starts_marked_down(origin: Origin, tmp_path: Path) -> None:
+    """The start-up PING and the probe get the garbage too: the node is reported and marked
+    down, requests go to the origin, nothing raises."""
+    node = _GarbageNode(b"$abc\r\n", everything=True)
+    p = start_proxy(tmp_path, f"reverse:{origin.url}", f"cache_valkey_urls={node.url}", "cache_valkey_timeout_ms=300")
+    try:
+        target = f"/fp/garbage-all?cc={STORABLE}"
+        first, second = send(p, "GET", target), send(p, "GET", target)
+        assert (first.status, second.status) == (200, 200)
+        assert second.cache == "HIT"  # L1 still serves
+        time.sleep(1.2)  # the probe runs against it at least once
+        assert metric(p, 'mitmcache_ring_members{state="down"}') == 1
+    finally:
+        out = _stop_clean(p)
+        node.stop()
+    assert "Addon error" not in out and "Traceback" not in out, out[-3000:]
