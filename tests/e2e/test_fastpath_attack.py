@@ -474,3 +474,90 @@ def test_a_node_answering_garbage_to_everything_starts_marked_down(origin: Origi
         out = _stop_clean(p)
         node.stop()
     assert "Addon error" not in out and "Traceback" not in out, out[-3000:]
+
+
+# ============================================================ a late unshareable answer
+
+
+class _ByHeaderOrigin:
+    """An origin whose answer the request chooses: ``X-Answer: private`` gets
+    ``Cache-Control: private``, anything else ``max-age=60``; ``X-Delay: S`` waits S seconds
+    first. Counts requests per path."""
+
+    def __init__(self) -> None:
+        import threading
+        from collections import Counter
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        outer = self
+        self.counts: Counter[str] = Counter()
+        self.lock = threading.Lock()
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                with outer.lock:
+                    outer.counts[self.path] += 1
+                    n = outer.counts[self.path]
+                time.sleep(float(self.headers.get("X-Delay") or 0))
+                answer = self.headers.get("X-Answer") or "public"
+                body = f"{self.path} #{n} {answer}".encode()
+                self.send_response(200)
+                self.send_header("Cache-Control", "private" if answer == "private" else "max-age=60")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("with_l2", [False, True], ids=["l1", "l2"])
+def test_a_late_private_answer_does_not_mark_a_url_stored_meanwhile(tmp_path: Path, with_l2: bool) -> None:
+    """Two requests pass on one marker; the anonymous one's storable answer is stored (ending
+    the marker), then the other's private answer arrives. "A URL with a stored variant is never
+    marked" (README, Hit-for-pass): the entry stays and is served — no new marker in front of
+    it (in L1, nor over the entry in Valkey)."""
+    origin = _ByHeaderOrigin()
+    nodes_cm = running_nodes(1) if with_l2 else None
+    nodes = nodes_cm.__enter__() if nodes_cm else []
+    sets = [f"cache_valkey_urls={nodes[0].url}"] if nodes else []
+    p = start_proxy(tmp_path, f"reverse:{origin.url}", *sets)
+    try:
+        target = "/fp/late"
+        assert send(p, "GET", target, b"X-Answer: private\r\n").cache == "MISS"  # marks the URL
+        late, anon = concurrently([
+            lambda: send(p, "GET", target, b"X-Answer: private\r\nX-Delay: 0.6\r\n"),
+            lambda: send(p, "GET", target),
+        ], stagger=0.2)
+        assert passed(late) and passed(anon), (late.status_line, anon.status_line)
+        assert "stored" in anon.status_line and b"private" in late.body
+        hit = send(p, "GET", target)
+        assert (hit.cache, hit.body) == ("HIT", anon.body), hit.status_line
+        assert origin.counts[target] == 3
+        if nodes:
+            # Another proxy on the ring finds the entry, not a marker written over it.
+            other = start_proxy(tmp_path / "other", f"reverse:{origin.url}", *sets)
+            try:
+                there = send(other, "GET", target)
+                assert (there.cache, there.body) == ("HIT", anon.body), there.status_line
+            finally:
+                _stop_clean(other)
+    finally:
+        _stop_clean(p)
+        origin.stop()
+        if nodes_cm:
+            nodes_cm.__exit__(None, None, None)
