@@ -105,7 +105,7 @@ class SharedTier(Protocol):
 
     async def get(self, cache_key: str) -> bytes | None: ...
 
-    async def set(self, cache_key: str, value: bytes, ttl_ms: int) -> None: ...
+    async def set(self, cache_key: str, value: bytes, ttl_ms: int, if_absent: bool = False) -> bool: ...
 
     async def delete(self, cache_keys: list[str]) -> None: ...
 
@@ -372,12 +372,27 @@ class TieredStore:
 
     async def mark_pass(self, key: str, marker: HitForPass, now: float) -> None:
         """Send ``key``'s requests straight upstream until ``marker.until``, in this proxy (L1)
-        and, through L2, in every other one that looks the key up."""
+        and, through L2, in every other one that looks the key up.
+
+        A URL with something stored is never marked: a passed request's unshareable answer can
+        arrive after another passed request's storable one was stored (the caller saw nothing
+        stored when it looked). So no marker beside an L1 entry, and in L2 only where the key
+        holds nothing (``SET NX``: never over another proxy's entry; a live L2 marker is left
+        to expire rather than renewed)."""
+        if self._l1.peek(key, now) is not None:
+            return
         self._remember_pass(key, marker)
         self.metrics.hit_for_pass.labels("marked").inc()
         if self._l2 is not None:
             try:
-                await self._l2.set(key, codec.encode_pass(key, marker.until, marker.reason), math.ceil((marker.until - now) * 1000))
+                written = await self._l2.set(
+                    key, codec.encode_pass(key, marker.until, marker.reason), math.ceil((marker.until - now) * 1000),
+                    if_absent=True,
+                )
+                if not written:  # a marker there (renewal: it runs out on its own), or an entry
+                    data = await self._l2.get(key)
+                    if data is not None and not codec.is_pass_marker(data):
+                        self._passes.pop(key, None)  # an entry stored meanwhile: looked up, not passed
             except L2Error as e:
                 log.debug(f"mitmcache: L2 hit-for-pass marker not written: {e}")
 

@@ -221,13 +221,14 @@ class ValkeyTier:
         # node.read bounds itself by self.timeout: no second timeout around it.
         return await self._run(node, "get", lambda: node.read(key, self.timeout), bounded=True)
 
-    async def set(self, cache_key: str, value: bytes, ttl_ms: int) -> None:
-        """Atomic write with a millisecond TTL (``SET … PX``): sub-second TTLs work (W12)."""
+    async def set(self, cache_key: str, value: bytes, ttl_ms: int, if_absent: bool = False) -> bool:
+        """Atomic write with a millisecond TTL (``SET … PX``): sub-second TTLs work (W12).
+        ``if_absent``: only where the key holds nothing (``NX``); False: it held something."""
         node, key, _ = self._place(cache_key)
         ttl_ms = max(1, ttl_ms)
         # A large value takes longer to send: allow 1 s per 20 MB on top (reference W27).
         timeout = self.timeout + len(value) / 20e6
-        await self._run(node, "set", lambda: node.client.set(key, value, px=ttl_ms), timeout)
+        return bool(await self._run(node, "set", lambda: node.client.set(key, value, px=ttl_ms, nx=if_absent), timeout))
 
     def _index_key(self, base: str) -> tuple[Node, str]:
         """The index set of a URL: on the URL's node, named by the same digest."""
