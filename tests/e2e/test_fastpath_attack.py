@@ -561,3 +561,26 @@ def test_a_late_private_answer_does_not_mark_a_url_stored_meanwhile(tmp_path: Pa
         origin.stop()
         if nodes_cm:
             nodes_cm.__exit__(None, None, None)
+
+
+def test_an_authorized_requests_private_answer_does_not_mark_the_url(tmp_path: Path) -> None:
+    """README (Hit-for-pass): reasons that depend on the request — its Authorization — set no
+    marker. An answer to a request with credentials is personal whatever it says (RFC 9111
+    §3.5): its ``private``/``no-store`` tells nothing about the anonymous answers, so it must
+    not send them all upstream (uncoalesced) for the marker's life."""
+    origin = _ByHeaderOrigin()
+    p = start_proxy(tmp_path, f"reverse:{origin.url}")
+    try:
+        target = "/fp/authmark"
+        mine = send(p, "GET", target, b"Authorization: Bearer alice\r\nX-Answer: private\r\n")
+        assert mine.cache == "MISS" and b"private" in mine.body
+        anon = send(p, "GET", target)
+        assert anon.cache == "MISS" and "hit-for-pass" not in anon.status_line, anon.status_line
+        assert "stored" in anon.status_line
+        assert send(p, "GET", target).cache == "HIT"
+        nostore = "/fp/authmark2"
+        send(p, "GET", nostore, b"Authorization: Bearer alice\r\nX-Answer: private\r\n")
+        assert "hit-for-pass" not in send(p, "GET", nostore).status_line
+    finally:
+        _stop_clean(p)
+        origin.stop()
