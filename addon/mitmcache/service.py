@@ -151,7 +151,7 @@ class CacheService:
                 reason = policy.storability(response.status, reason)
             if reason is not None:
                 if base is None:
-                    await self._mark_pass(key, response, reason, now)
+                    await self._mark_pass(key, response, reason, now, request_headers, policy)
                 return Admission(None, None, reason.value)
             assert body is not None
             stored = response.headers
@@ -167,7 +167,7 @@ class CacheService:
             if merged:  # the stored response no longer describes the resource, and cannot stay
                 await self.invalidate([key])
             elif base is None:
-                await self._mark_pass(key, response, sem.NotStorable.NOT_CACHEABLE, now)
+                await self._mark_pass(key, response, sem.NotStorable.NOT_CACHEABLE, now, request_headers, policy)
             return Admission(None, None, sem.NotStorable.NOT_CACHEABLE.value)
         url_key = self.keys.base(key)
         tags = tags_of(entry.headers, settings.tag_headers)
@@ -181,14 +181,18 @@ class CacheService:
             return Admission(entry, None, "too-large-for-l1" if self.store.l1_coherent(key) else "l2-down")
         return Admission(entry, resource)
 
-    async def _mark_pass(self, key: str, response: Response, reason: sem.NotStorable, now: float) -> None:
+    async def _mark_pass(
+        self, key: str, response: Response, reason: sem.NotStorable, now: float,
+        request_headers: Headers = (), policy: Policy | None = None,
+    ) -> None:
         """Hit-for-pass (Varnish): a URL with nothing stored answered with something no one may
         share; its next requests skip the lookup, the lease and coalescing for the answer's own
         max-age, else ``hit_for_pass`` seconds (at most MAX_PASS_SECONDS). Callers pass only
-        URLs with nothing stored, so a marker never hides another variant. Not for reasons
+        URLs with nothing stored, so a marker never hides another variant. Not for answers to
+        requests with Authorization (``_personal``), for reasons
         that depend on the request or for a 5xx (a failing origin's next answer may be
         storable, and coalescing is what protects it then)."""
-        if not self._marks(key, reason, response.status, now):
+        if _personal(request_headers, policy) or not self._marks(key, reason, response.status, now):
             return
         max_age = sem.ResponseDirectives.from_headers(response.headers, self.settings.targets).max_age
         lifetime = min(float(max_age) if max_age else self.settings.hit_for_pass, MAX_PASS_SECONDS)
@@ -239,7 +243,7 @@ class CacheService:
             if entry.retain_until() > now:
                 return None
             reason = sem.NotStorable.NOT_CACHEABLE
-        if self._marks(key, reason, status, now):
+        if not _personal(request_headers, None) and self._marks(key, reason, status, now):
             return None
         for kind in malformed:
             self.bad_input(kind, f"{sem.header_get(response_headers, kind)!r} for {key!r}")
@@ -275,3 +279,13 @@ class CacheService:
         if now - self._bad_input_logged.get(kind, -BAD_INPUT_LOG_INTERVAL) >= BAD_INPUT_LOG_INTERVAL:
             self._bad_input_logged[kind] = now
             log.info(f"mitmcache: malformed {kind}: {message} (counted in mitmcache_bad_input_total)")
+
+
+def _personal(request_headers: sem.HeaderList, policy: Policy | None) -> bool:
+    """An answer to a request with credentials is personal whatever it says (RFC 9111 §3.5):
+    its ``private`` or ``no-store`` tells nothing about the URL's other answers, so it sets no
+    hit-for-pass marker — unless the operator's rule keys on the credential (then the key is
+    the credential's own)."""
+    return bool(sem.header_values(request_headers, "authorization")) and not (
+        policy is not None and "authorization" in policy.key_headers
+    )
