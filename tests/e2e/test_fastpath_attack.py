@@ -24,17 +24,10 @@ from tests.conftest import Proxy, running_nodes, start_proxy
 from tests.e2e.test_hostile import (
     _stop_clean, cache_key, concurrently, digest, exchange, metric, q, request_bytes, send,
 )
-from tests.origin import Origin, start_origin
+from tests.origin import Origin
 
 NO_STORE = q("no-store")
 STORABLE = q("max-age=60")
-
-
-@pytest.fixture(scope="module")
-def origin() -> Iterator[Origin]:
-    o = start_origin()
-    yield o
-    o.stop()
 
 
 @pytest.fixture(scope="module")
