@@ -92,17 +92,14 @@ class Node:
             host=address.host, port=address.port, db=address.db, username=address.username,
             password=address.password, socket_connect_timeout=max(timeout, 0.5), **tls,
         )
+        own: dict[str, Any] = {**self.connect_kwargs, "socket_connect_timeout": timeout}
+        if address.tls:
+            own["ssl"] = True
         self.client = valkey_async.Valkey(
-            host=address.host,
-            port=address.port,
-            db=address.db,
-            username=address.username,
-            password=address.password,
-            **({"ssl": True, **tls} if address.tls else {}),
+            **own,
             # Each call is bounded by the configured timeout (asyncio.wait_for, or a read
             # batch's deadline; scaled for large values); the socket timeout is only a backstop.
             socket_timeout=max(1.0, timeout * 10),
-            socket_connect_timeout=timeout,
             retry_on_timeout=False,
             health_check_interval=0,
         )
@@ -302,20 +299,28 @@ class ValkeyTier:
     async def purge(self, cache_keys: list[str]) -> tuple[int, int]:
         """Delete on each owner: (keys that existed, keys aimed at down nodes: replayed when
         they return). Errors on one node do not stop the others."""
+        deleted, pending, _ = await self._delete_on_owners(cache_keys)
+        return deleted, pending
+
+    async def _delete_on_owners(self, cache_keys: list[str]) -> tuple[int, int, list[L2Error]]:
+        """Delete each key on its owner; a node that fails remembers its keys and deletes them
+        when it returns. (keys that existed, keys left pending, the nodes' errors)."""
         by_node: dict[str, list[str]] = {}
         for cache_key in cache_keys:
             owner, key, _ = self._place(cache_key)
             by_node.setdefault(owner.name, []).append(key)
         deleted = pending = 0
+        errors: list[L2Error] = []
         for name, keys in by_node.items():
             node = self.nodes[name]
             try:
                 deleted += await self._run(node, "delete", lambda n=node, k=keys: n.client.delete(*k))  # type: ignore[misc]
-            except L2Error:
+            except L2Error as e:
                 if len(node.pending_deletes) < MAX_PENDING_DELETES:
                     node.pending_deletes.update(keys)
                 pending += len(keys)
-        return deleted, pending
+                errors.append(e)
+        return deleted, pending, errors
 
     # ------------------------------------------------------------------ near-cache coherence
 
@@ -327,20 +332,9 @@ class ValkeyTier:
             node.listener.start()
 
     async def delete(self, cache_keys: list[str]) -> None:
-        """Delete on each owner; for a down owner, remember the key and delete it on return."""
-        by_node: dict[str, list[str]] = {}
-        for cache_key in cache_keys:
-            owner, key, _ = self._place(cache_key)
-            by_node.setdefault(owner.name, []).append(key)
-        errors = []
-        for name, keys in by_node.items():
-            node = self.nodes[name]
-            try:
-                await self._run(node, "delete", lambda n=node, k=keys: n.client.delete(*k))  # type: ignore[misc]
-            except L2Error as e:
-                if len(node.pending_deletes) < MAX_PENDING_DELETES:
-                    node.pending_deletes.update(keys)
-                errors.append(e)
+        """Delete on each owner; for a down owner, remember the key and delete it on return.
+        Raises the first node's L2Error (after trying every node)."""
+        errors = (await self._delete_on_owners(cache_keys))[2]
         if errors:
             raise errors[0]
 
