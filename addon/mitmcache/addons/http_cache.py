@@ -486,12 +486,7 @@ class HttpCache:
 
         def build() -> http.Response:
             self._exchanges.pop(flow, None)  # the response hook sees our answer, not the origin's
-            reply = self.service.pipeline.origin_timed_out(ex)
-            rendered = ex.outcome.status.render()
-            assert ex.outcome.label is not None
-            response = to_mitmproxy(reply, self._drop()[0], (("X-Cache-Status", ex.outcome.label), ("Cache-Status", rendered)))
-            self._annotate(flow, ex.outcome, rendered)
-            return response
+            return self._cache_answer(flow, self.service.pipeline.origin_timed_out(ex), ex.outcome)
 
         try:
             route = await origin_deadline.answer(flow, build, why)
@@ -516,11 +511,16 @@ class HttpCache:
         await self.service.pipeline.abandon_fetch(ex)
 
     def _answer(self, flow: http.HTTPFlow, reply: Response, outcome: Outcome) -> None:
-        """Answer from the cache: the reply with its status fields, built in one go (the hit path)."""
+        """Answer from the cache (the hit path)."""
+        flow.response = self._cache_answer(flow, reply, outcome)
+
+    def _cache_answer(self, flow: http.HTTPFlow, reply: Response, outcome: Outcome) -> http.Response:
+        """The cache's answer: the reply with its status fields, built in one go; the flow is
+        annotated for mitmweb."""
         assert outcome.label is not None
         rendered = outcome.status.render()
-        flow.response = to_mitmproxy(reply, self._drop()[0], (("X-Cache-Status", outcome.label), ("Cache-Status", rendered)))
         self._annotate(flow, outcome, rendered)
+        return to_mitmproxy(reply, self._drop()[0], (("X-Cache-Status", outcome.label), ("Cache-Status", rendered)))
 
     def _drop(self) -> tuple[frozenset[str], frozenset[bytes]]:
         """Fields a response the cache handled never carries on: its own status fields (set
