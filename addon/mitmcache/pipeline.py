@@ -323,7 +323,7 @@ class Pipeline:
             start, began = time.time(), time.monotonic()
             # Waiters share the leader's origin timeout: a hung origin costs one request per
             # key, and each waiter at most cache_origin_timeout_ms from the fetch's start.
-            deadline = flight.started + service.settings.origin_timeout
+            deadline = self._fetch_deadline(flight)
             bound = min(service.settings.coalesce_wait, max(0.0, deadline - began))
             waited = await service.coalescer.wait(flight, bound)
             if waited is None and flight.answering:
@@ -369,7 +369,7 @@ class Pipeline:
         # The other proxy's fetch gets no longer than this request's own deadline — the one
         # its local waiters share (a fetch started after it would begin with no time left).
         assert ex.flight is not None
-        deadline = ex.flight.started + settings.origin_timeout
+        deadline = self._fetch_deadline(ex.flight)
         bound = min(settings.lease_ms / 1000, max(0.0, deadline - time.monotonic()))
         resource, why = await store.wait_for_fill(ex.key, bound, ex.resource, ex.variant)
         ex.outcome.time("cache.lease_wait", start)
@@ -399,12 +399,17 @@ class Pipeline:
         outcome.why = WHY["origin-timeout"]
         outcome.label, outcome.result = MISS, "miss"
 
+    def _fetch_deadline(self, flight: Flight) -> float:
+        """When a fetch has outlived cache_origin_timeout_ms (time.monotonic()): the deadline its
+        leader, its waiters and its lease waiters share."""
+        return flight.started + self.service.settings.origin_timeout
+
     def origin_deadline(self, ex: Exchange) -> float | None:
         """Seconds from now until a forwarded request that leads its key's fetch (or revalidates
         a stored response) has outlived cache_origin_timeout_ms — the deadline its waiters share —
         or None for requests the cache does not wait on (passes, bypasses, ranges, no-cache)."""
         if ex.flight is not None:
-            return ex.flight.started + self.service.settings.origin_timeout - time.monotonic()
+            return self._fetch_deadline(ex.flight) - time.monotonic()
         if ex.revalidating is not None:
             return self.service.settings.origin_timeout
         return None
